@@ -1,0 +1,1 @@
+"""Simulated constrained devices and lossy links for the IMPP CoAP gateway."""

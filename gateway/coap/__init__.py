@@ -1,0 +1,1 @@
+"""CoAP resource layer (aiocoap): turns requests into service calls and changes into notifications."""

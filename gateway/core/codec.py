@@ -1,0 +1,411 @@
+"""The one codec boundary: CBOR bytes <-> domain model, with strict validation.
+
+Wire keys are small integers (one CBOR byte each); ``docs/protocol.md`` lists them.
+On untrusted input every decoder raises only :class:`CodecError` (4.00) or
+:class:`PayloadTooLarge` (4.13), never anything else.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from collections.abc import Mapping, Sequence
+from enum import IntEnum
+from typing import Any
+
+import cbor2
+
+from .errors import CodecError, GatewayError, PayloadTooLarge
+from .ids import UserId, parse_user_id
+from .model import (
+    Contact,
+    DeliveryRecord,
+    DeliveryState,
+    ExtValue,
+    FailureReason,
+    InstantMessage,
+    MessageId,
+    PresenceDocument,
+    QueuedMessage,
+    Seq,
+    Status,
+)
+
+MAX_BODY = 4096  # any request body; larger is 4.13 before decoding
+MAX_IM_PAYLOAD = 2048
+MAX_MSG_ID = 16
+MAX_NOTE = 256  # characters
+MAX_CONTACT_FIELD = 128
+MAX_EXT_ENTRIES = 16
+MAX_EXT_BYTES = 512
+MAX_LEASE = 7 * 24 * 3600
+MAX_TTL = 30 * 24 * 3600
+MAX_DEPTH = 8
+
+
+class PresenceKey(IntEnum):
+    STATUS = 0
+    NOTE = 1
+    CONTACT = 2
+    EXTENSIONS = 3
+    TIMESTAMP = 4  # set by the gateway
+    VERSION = 5  # set by the gateway
+    LEASE = 6
+    OUT_OF_CONTACT = 7  # set by the gateway
+
+
+class ContactKey(IntEnum):
+    TEL = 0
+    EMAIL = 1
+    URL = 2
+    ADR = 3
+
+
+class MessageKey(IntEnum):
+    ID = 0
+    FROM = 1
+    TO = 2
+    REPLY_TO = 3
+    CONTENT_FORMAT = 4
+    PAYLOAD = 5
+    CREATED = 6
+    TTL = 7
+
+
+class BatchKey(IntEnum):
+    MESSAGES = 0  # array of [seq, message map]
+    CURSOR = 1  # highest seq in this batch (ack up to it)
+    MORE = 2  # true: more queued messages than fit
+
+
+class RecordKey(IntEnum):
+    ID = 0
+    TO = 1
+    STATE = 2
+    REASON = 3
+    UPDATED = 4
+
+
+_GATEWAY_SET_PRESENCE_KEYS = {PresenceKey.TIMESTAMP, PresenceKey.VERSION, PresenceKey.OUT_OF_CONTACT}
+
+
+def _loads(data: bytes) -> Any:
+    if len(data) > MAX_BODY:
+        raise PayloadTooLarge(f"body over {MAX_BODY} bytes")
+    if not data:
+        raise CodecError("empty body")
+    stream = io.BytesIO(data)
+    try:
+        decoder = cbor2.CBORDecoder(stream, max_depth=MAX_DEPTH, allow_duplicate_keys=False)
+        value = decoder.decode()
+    except GatewayError:
+        raise
+    except Exception as exc:  # cbor2 raises several types on garbage; all mean one thing here
+        raise CodecError("malformed CBOR") from exc
+    if stream.tell() != len(data):
+        raise CodecError("trailing bytes after CBOR item")
+    return value
+
+
+def _dumps(value: object) -> bytes:
+    return cbor2.dumps(value)
+
+
+def _map(value: Any, what: str) -> dict[Any, Any]:
+    if not isinstance(value, dict):
+        raise CodecError(f"{what}: map expected")
+    return value
+
+
+def _text(value: Any, what: str, limit: int) -> str:
+    if not isinstance(value, str):
+        raise CodecError(f"{what}: text expected")
+    if len(value) > limit:
+        raise CodecError(f"{what}: over {limit} characters")
+    return value
+
+
+def _uint(value: Any, what: str, limit: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= limit:
+        raise CodecError(f"{what}: integer 0..{limit} expected")
+    return value
+
+
+def _user(value: Any, what: str) -> UserId:
+    try:
+        return parse_user_id(_text(value, what, 64))
+    except CodecError:
+        raise
+    except GatewayError as exc:
+        raise CodecError(f"{what}: {exc.diagnostic}") from exc
+
+
+def _check_keys(body: Mapping[Any, Any], allowed: type[IntEnum], what: str) -> None:
+    for key in body:
+        if isinstance(key, bool) or not isinstance(key, int) or key not in allowed._value2member_map_:
+            raise CodecError(f"{what}: unknown key {key!r}")
+
+
+def _ext_value(value: Any, depth: int) -> ExtValue:
+    if depth > MAX_DEPTH:
+        raise CodecError("extensions: nested too deep")
+    if value is None or isinstance(value, (bool, str, bytes)):
+        return value
+    if isinstance(value, int):
+        if not -(2**64) <= value < 2**64:
+            raise CodecError("extensions: integer out of range")
+        return value
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise CodecError("extensions: non-finite float")
+        return value
+    if isinstance(value, list):
+        return [_ext_value(item, depth + 1) for item in value]
+    if isinstance(value, dict):
+        return {_ext_key(k): _ext_value(v, depth + 1) for k, v in value.items()}
+    raise CodecError("extensions: unsupported CBOR type")
+
+
+def _ext_key(key: Any) -> int | str:
+    if isinstance(key, bool) or not isinstance(key, (int, str)):
+        raise CodecError("extensions: keys must be integers or text")
+    if isinstance(key, int) and not -(2**31) <= key < 2**31:
+        raise CodecError("extensions: key out of range")
+    return key
+
+
+# -- presence -----------------------------------------------------------------------
+
+
+def decode_contact(value: Any) -> Contact:
+    body = _map(value, "contact")
+    _check_keys(body, ContactKey, "contact")
+    fields = {
+        key.name.lower(): _text(body[key], f"contact {key.name.lower()}", MAX_CONTACT_FIELD)
+        for key in ContactKey
+        if key in body
+    }
+    return Contact(**fields)
+
+
+def decode_presence(data: bytes) -> PresenceDocument:
+    """Decode a published presence document (publisher's fields; gateway-set ones are ignored)."""
+    body = _map(_loads(data), "presence")
+    _check_keys(body, PresenceKey, "presence")
+    if PresenceKey.STATUS not in body:
+        raise CodecError("presence: status (key 0) is required")
+    status_value = _uint(body[PresenceKey.STATUS], "status", 1)
+    note = _text(body[PresenceKey.NOTE], "note", MAX_NOTE) if PresenceKey.NOTE in body else None
+    contact = decode_contact(body[PresenceKey.CONTACT]) if PresenceKey.CONTACT in body else Contact()
+    extensions: dict[int | str, ExtValue] = {}
+    if PresenceKey.EXTENSIONS in body:
+        raw_ext = _map(body[PresenceKey.EXTENSIONS], "extensions")
+        if len(raw_ext) > MAX_EXT_ENTRIES:
+            raise CodecError(f"extensions: over {MAX_EXT_ENTRIES} entries")
+        extensions = {_ext_key(k): _ext_value(v, 1) for k, v in raw_ext.items()}
+        if len(_dumps(extensions)) > MAX_EXT_BYTES:
+            raise CodecError(f"extensions: over {MAX_EXT_BYTES} bytes")
+    lease = _uint(body[PresenceKey.LEASE], "lease", MAX_LEASE) if PresenceKey.LEASE in body else None
+    if lease == 0:
+        raise CodecError("lease: must be at least 1 second")
+    return PresenceDocument(
+        status=Status(status_value),
+        note=note,
+        contact=contact,
+        extensions=extensions,
+        lease=lease,
+    )
+
+
+def decode_presence_view(data: bytes) -> PresenceDocument:
+    """Decode a presence document as served by the gateway (watcher side)."""
+    doc = decode_presence(data)
+    body = _map(_loads(data), "presence")
+    return PresenceDocument(
+        status=doc.status,
+        note=doc.note,
+        contact=doc.contact,
+        extensions=doc.extensions,
+        lease=doc.lease,
+        timestamp=_uint(body.get(PresenceKey.TIMESTAMP, 0), "timestamp", 2**63),
+        version=_uint(body.get(PresenceKey.VERSION, 0), "version", 2**63),
+        out_of_contact=bool(body.get(PresenceKey.OUT_OF_CONTACT, False)),
+    )
+
+
+def _contact_map(contact: Contact) -> dict[int, str]:
+    return {
+        key: value
+        for key in ContactKey
+        if (value := getattr(contact, key.name.lower())) is not None
+    }
+
+
+def encode_presence(doc: PresenceDocument, *, for_publish: bool = False) -> bytes:
+    """Encode; ``for_publish`` leaves out the fields only the gateway sets."""
+    body: dict[int, Any] = {PresenceKey.STATUS: int(doc.status)}
+    if doc.note is not None:
+        body[PresenceKey.NOTE] = doc.note
+    contact = _contact_map(doc.contact)
+    if contact:
+        body[PresenceKey.CONTACT] = contact
+    if doc.extensions:
+        body[PresenceKey.EXTENSIONS] = dict(doc.extensions)
+    if doc.lease is not None:
+        body[PresenceKey.LEASE] = doc.lease
+    if not for_publish:
+        body[PresenceKey.TIMESTAMP] = doc.timestamp
+        body[PresenceKey.VERSION] = doc.version
+        if doc.out_of_contact:
+            body[PresenceKey.OUT_OF_CONTACT] = True
+    return _dumps({int(k): v for k, v in body.items()})
+
+
+# -- instant messages ---------------------------------------------------------------
+
+
+def decode_message(data: bytes, recipient: UserId | None = None) -> InstantMessage:
+    """Decode an IM POSTed to ``recipient``'s inbox (the path names the recipient; key 2 may repeat it)."""
+    body = _map(_loads(data), "message")
+    _check_keys(body, MessageKey, "message")
+    for required in (MessageKey.ID, MessageKey.FROM, MessageKey.PAYLOAD):
+        if required not in body:
+            raise CodecError(f"message: key {int(required)} ({required.name.lower()}) is required")
+    msg_id = body[MessageKey.ID]
+    if not isinstance(msg_id, bytes) or not 1 <= len(msg_id) <= MAX_MSG_ID:
+        raise CodecError(f"message id: 1..{MAX_MSG_ID} bytes expected")
+    payload = body[MessageKey.PAYLOAD]
+    if not isinstance(payload, bytes):
+        raise CodecError("payload: byte string expected")
+    if len(payload) > MAX_IM_PAYLOAD:
+        raise PayloadTooLarge(f"payload over {MAX_IM_PAYLOAD} bytes")
+    to = _user(body[MessageKey.TO], "to") if MessageKey.TO in body else recipient
+    if to is None:
+        raise CodecError("message: recipient (key 2) is required")
+    if recipient is not None and to != recipient:
+        raise CodecError("message: recipient differs from the inbox addressed")
+    return InstantMessage(
+        msg_id=MessageId(msg_id),
+        sender=_user(body[MessageKey.FROM], "from"),
+        recipient=to,
+        payload=payload,
+        content_format=_uint(body.get(MessageKey.CONTENT_FORMAT, 0), "content format", 65535),
+        reply_to=_user(body[MessageKey.REPLY_TO], "reply-to") if MessageKey.REPLY_TO in body else None,
+        created=_uint(body[MessageKey.CREATED], "created", 2**63) if MessageKey.CREATED in body else None,
+        ttl=_uint(body[MessageKey.TTL], "ttl", MAX_TTL) if MessageKey.TTL in body else None,
+    )
+
+
+def _message_map(msg: InstantMessage, *, include_to: bool) -> dict[int, Any]:
+    body: dict[int, Any] = {
+        MessageKey.ID: bytes(msg.msg_id),
+        MessageKey.FROM: msg.sender,
+        MessageKey.PAYLOAD: msg.payload,
+    }
+    if include_to:
+        body[MessageKey.TO] = msg.recipient
+    if msg.reply_to is not None:
+        body[MessageKey.REPLY_TO] = msg.reply_to
+    if msg.content_format:
+        body[MessageKey.CONTENT_FORMAT] = msg.content_format
+    if msg.created is not None:
+        body[MessageKey.CREATED] = msg.created
+    if msg.ttl is not None:
+        body[MessageKey.TTL] = msg.ttl
+    return {int(k): v for k, v in body.items()}
+
+
+def encode_message(msg: InstantMessage, *, include_to: bool = False) -> bytes:
+    """Encode for POSTing to the recipient's inbox (the path already names the recipient)."""
+    return _dumps(_message_map(msg, include_to=include_to))
+
+
+def encode_batch(messages: Sequence[QueuedMessage], more: bool) -> bytes:
+    cursor = messages[-1].seq if messages else 0
+    body = {
+        int(BatchKey.MESSAGES): [[m.seq, _message_map(m.message, include_to=False)] for m in messages],
+        int(BatchKey.CURSOR): cursor,
+        int(BatchKey.MORE): more,
+    }
+    return _dumps(body)
+
+
+def batch_size_of(message: QueuedMessage) -> int:
+    """Bytes one queued message adds to an encoded batch (for fitting notifications)."""
+    return len(_dumps([message.seq, _message_map(message.message, include_to=False)]))
+
+
+def decode_batch(data: bytes, recipient: UserId) -> tuple[list[QueuedMessage], int, bool]:
+    """Client side: decode an inbox batch into (messages, cursor, more)."""
+    body = _map(_loads(data), "batch")
+    _check_keys(body, BatchKey, "batch")
+    raw = body.get(BatchKey.MESSAGES, [])
+    if not isinstance(raw, list):
+        raise CodecError("batch: array expected")
+    out = []
+    for item in raw:
+        if not isinstance(item, list) or len(item) != 2:
+            raise CodecError("batch item: [seq, message] expected")
+        seq = _uint(item[0], "seq", 2**63)
+        msg = decode_message(_dumps(item[1]), recipient)
+        out.append(QueuedMessage(seq=Seq(seq), message=msg, received=0))
+    cursor = _uint(body.get(BatchKey.CURSOR, 0), "cursor", 2**63)
+    more = body.get(BatchKey.MORE, False)
+    if not isinstance(more, bool):
+        raise CodecError("batch: more must be a boolean")
+    return out, cursor, more
+
+
+# -- delivery records ---------------------------------------------------------------
+
+
+def encode_records(records: Sequence[DeliveryRecord]) -> bytes:
+    return _dumps(
+        [
+            {
+                int(RecordKey.ID): bytes(r.msg_id),
+                int(RecordKey.TO): r.recipient,
+                int(RecordKey.STATE): int(r.state),
+                **({int(RecordKey.REASON): int(r.reason)} if r.reason else {}),
+                int(RecordKey.UPDATED): r.updated,
+            }
+            for r in records
+        ]
+    )
+
+
+def decode_records(data: bytes) -> list[DeliveryRecord]:
+    raw = _loads(data)
+    if not isinstance(raw, list):
+        raise CodecError("records: array expected")
+    out = []
+    for item in raw:
+        body = _map(item, "record")
+        _check_keys(body, RecordKey, "record")
+        msg_id = body.get(RecordKey.ID)
+        if not isinstance(msg_id, bytes):
+            raise CodecError("record id: bytes expected")
+        try:
+            state = DeliveryState(_uint(body.get(RecordKey.STATE), "state", 2))
+            reason = FailureReason(_uint(body.get(RecordKey.REASON, 0), "reason", 4))
+        except ValueError as exc:
+            raise CodecError("record: bad state") from exc
+        out.append(
+            DeliveryRecord(
+                msg_id=MessageId(msg_id),
+                recipient=_user(body.get(RecordKey.TO), "to"),
+                state=state,
+                reason=reason,
+                updated=_uint(body.get(RecordKey.UPDATED, 0), "updated", 2**63),
+            )
+        )
+    return out
+
+
+def dumps_seq(seq: int) -> bytes:
+    """Body of a 2.01 answer to an IM POST: the message's sequence number."""
+    return _dumps(seq)
+
+
+def decode_seq(data: bytes) -> int:
+    return _uint(_loads(data), "seq", 2**63)

@@ -1,0 +1,64 @@
+"""The core store interface every backend implements (one contract suite tests them all)."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from ..core.ids import UserId
+from ..core.model import (
+    DeliveryRecord,
+    EnqueueResult,
+    InstantMessage,
+    PresenceDocument,
+    QueuedMessage,
+    Seq,
+    UserRecord,
+)
+
+
+class Store(Protocol):
+    """Durable state. Every write has reached stable storage when its coroutine returns."""
+
+    async def add_user(self, record: UserRecord) -> bool:
+        """Register; False if the user already existed (then its record is updated)."""
+        ...
+
+    async def get_user(self, user: UserId) -> UserRecord | None: ...
+
+    async def remove_user(self, user: UserId) -> bool: ...
+
+    async def list_users(self) -> list[UserRecord]: ...
+
+    async def get_presence(self, user: UserId) -> PresenceDocument | None: ...
+
+    async def put_presence(self, user: UserId, doc: PresenceDocument, lease_deadline: int | None) -> None: ...
+
+    async def due_leases(self, now: int) -> list[UserId]:
+        """Presentities whose lease deadline is at or before ``now``."""
+        ...
+
+    async def enqueue(self, message: InstantMessage, body: bytes, received: int, expires: int | None) -> EnqueueResult:
+        """Store a message durably, once per (sender, msg_id); raises Conflict if that id holds another body."""
+        ...
+
+    async def pending(self, recipient: UserId, after: Seq, limit: int) -> list[QueuedMessage]:
+        """Undelivered messages of ``recipient`` with seq > ``after``, oldest first."""
+        ...
+
+    async def acknowledge(self, recipient: UserId, upto: Seq, now: int) -> list[UserId]:
+        """Mark queued messages with seq <= upto delivered; returns the senders to tell."""
+        ...
+
+    async def records(self, sender: UserId, limit: int) -> list[DeliveryRecord]:
+        """The newest delivery records of messages ``sender`` sent, newest first."""
+        ...
+
+    async def expire_messages(self, now: int) -> list[tuple[UserId, UserId]]:
+        """Fail queued messages whose ttl ran out; returns (sender, recipient) pairs affected."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+class StoreFactory(Protocol):
+    async def __call__(self, url: str) -> Store: ...

@@ -1,0 +1,294 @@
+"""SQLite core store: the embedded default.
+
+WAL mode with synchronous=FULL: a commit has reached the disk when it returns, so an
+acknowledged message survives SIGKILL or power loss. All SQL runs on one dedicated
+thread so the event loop never waits on fsync.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import TypeVar
+
+from ..core import codec
+from ..core.errors import Conflict
+from ..core.ids import UserId
+from ..core.model import (
+    DeliveryRecord,
+    DeliveryState,
+    EnqueueResult,
+    FailureReason,
+    InstantMessage,
+    MessageId,
+    PresenceDocument,
+    QueuedMessage,
+    Seq,
+    UserRecord,
+)
+
+SCHEMA_VERSION = 1
+
+_SCHEMA = [
+    "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
+    """CREATE TABLE users (
+        user TEXT PRIMARY KEY,
+        has_presentity INTEGER NOT NULL,
+        has_inbox INTEGER NOT NULL)""",
+    """CREATE TABLE presence (
+        user TEXT PRIMARY KEY,
+        doc BLOB NOT NULL,
+        lease_deadline INTEGER)""",
+    "CREATE INDEX presence_lease ON presence (lease_deadline) WHERE lease_deadline IS NOT NULL",
+    """CREATE TABLE messages (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        recipient TEXT NOT NULL,
+        sender TEXT NOT NULL,
+        msg_id BLOB NOT NULL,
+        body BLOB NOT NULL,
+        received INTEGER NOT NULL,
+        expires INTEGER,
+        state INTEGER NOT NULL,
+        reason INTEGER NOT NULL DEFAULT 0,
+        updated INTEGER NOT NULL,
+        UNIQUE (sender, msg_id))""",
+    "CREATE INDEX messages_inbox ON messages (recipient, state, seq)",
+    "CREATE INDEX messages_outbox ON messages (sender, updated)",
+    "CREATE INDEX messages_expiry ON messages (expires) WHERE state = 0 AND expires IS NOT NULL",
+]
+
+T = TypeVar("T")
+
+
+class SqliteStore:
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite-store")
+        self._db: sqlite3.Connection | None = None
+
+    @classmethod
+    async def open(cls, path: str) -> SqliteStore:
+        store = cls(path)
+        await store._run(store._open)
+        return store
+
+    def _open(self) -> None:
+        if self.path != ":memory:":
+            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+        db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=FULL")
+        db.execute("PRAGMA busy_timeout=5000")
+        self._db = db
+        self._migrate()
+
+    def _migrate(self) -> None:
+        db = self._conn
+        has_meta = db.execute("SELECT 1 FROM sqlite_master WHERE name='meta'").fetchone()
+        version = 0
+        if has_meta:
+            row = db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+            version = int(row[0]) if row else 0
+        if version > SCHEMA_VERSION:
+            raise RuntimeError(f"store schema {version} is newer than this gateway ({SCHEMA_VERSION})")
+        if version == 0:
+            with self._transaction():
+                for statement in _SCHEMA:
+                    db.execute(statement)
+                db.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+
+    @property
+    def _conn(self) -> sqlite3.Connection:
+        if self._db is None:
+            raise RuntimeError("store is closed")
+        return self._db
+
+    def _transaction(self) -> _Transaction:
+        return _Transaction(self._conn)
+
+    async def _run(self, fn: Callable[[], T]) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn)
+
+    # -- users ---------------------------------------------------------------------
+
+    async def add_user(self, record: UserRecord) -> bool:
+        def work() -> bool:
+            with self._transaction():
+                existed = self._conn.execute("SELECT 1 FROM users WHERE user=?", (record.user,)).fetchone()
+                self._conn.execute(
+                    "INSERT OR REPLACE INTO users VALUES (?, ?, ?)",
+                    (record.user, int(record.has_presentity), int(record.has_inbox)),
+                )
+            return existed is None
+
+        return await self._run(work)
+
+    async def get_user(self, user: UserId) -> UserRecord | None:
+        def work() -> UserRecord | None:
+            row = self._conn.execute(
+                "SELECT has_presentity, has_inbox FROM users WHERE user=?", (user,)
+            ).fetchone()
+            return None if row is None else UserRecord(user, bool(row[0]), bool(row[1]))
+
+        return await self._run(work)
+
+    async def remove_user(self, user: UserId) -> bool:
+        def work() -> bool:
+            with self._transaction():
+                cur = self._conn.execute("DELETE FROM users WHERE user=?", (user,))
+                self._conn.execute("DELETE FROM presence WHERE user=?", (user,))
+            return cur.rowcount > 0
+
+        return await self._run(work)
+
+    async def list_users(self) -> list[UserRecord]:
+        def work() -> list[UserRecord]:
+            rows = self._conn.execute("SELECT user, has_presentity, has_inbox FROM users ORDER BY user").fetchall()
+            return [UserRecord(UserId(r[0]), bool(r[1]), bool(r[2])) for r in rows]
+
+        return await self._run(work)
+
+    # -- presence ------------------------------------------------------------------
+
+    async def get_presence(self, user: UserId) -> PresenceDocument | None:
+        def work() -> PresenceDocument | None:
+            row = self._conn.execute("SELECT doc FROM presence WHERE user=?", (user,)).fetchone()
+            return None if row is None else codec.decode_presence_view(row[0])
+
+        return await self._run(work)
+
+    async def put_presence(self, user: UserId, doc: PresenceDocument, lease_deadline: int | None) -> None:
+        body = codec.encode_presence(doc)
+
+        def work() -> None:
+            with self._transaction():
+                self._conn.execute(
+                    "INSERT OR REPLACE INTO presence VALUES (?, ?, ?)", (user, body, lease_deadline)
+                )
+
+        await self._run(work)
+
+    async def due_leases(self, now: int) -> list[UserId]:
+        def work() -> list[UserId]:
+            rows = self._conn.execute(
+                "SELECT user FROM presence WHERE lease_deadline IS NOT NULL AND lease_deadline <= ?", (now,)
+            ).fetchall()
+            return [UserId(r[0]) for r in rows]
+
+        return await self._run(work)
+
+    # -- instant messages ----------------------------------------------------------
+
+    async def enqueue(self, message: InstantMessage, body: bytes, received: int, expires: int | None) -> EnqueueResult:
+        def work() -> EnqueueResult:
+            with self._transaction():
+                row = self._conn.execute(
+                    "SELECT seq, body FROM messages WHERE sender=? AND msg_id=?",
+                    (message.sender, bytes(message.msg_id)),
+                ).fetchone()
+                if row is not None:
+                    if row[1] != body:
+                        raise Conflict("message id already used for another message")
+                    return EnqueueResult(Seq(row[0]), newly_stored=False)
+                cur = self._conn.execute(
+                    "INSERT INTO messages (recipient, sender, msg_id, body, received, expires, state, updated)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        message.recipient,
+                        message.sender,
+                        bytes(message.msg_id),
+                        body,
+                        received,
+                        expires,
+                        int(DeliveryState.QUEUED),
+                        received,
+                    ),
+                )
+                assert cur.lastrowid is not None
+                return EnqueueResult(Seq(cur.lastrowid), newly_stored=True)
+
+        return await self._run(work)
+
+    async def pending(self, recipient: UserId, after: Seq, limit: int) -> list[QueuedMessage]:
+        def work() -> list[QueuedMessage]:
+            rows = self._conn.execute(
+                "SELECT seq, body, received FROM messages WHERE recipient=? AND state=? AND seq>?"
+                " ORDER BY seq LIMIT ?",
+                (recipient, int(DeliveryState.QUEUED), after, limit),
+            ).fetchall()
+            return [
+                QueuedMessage(Seq(r[0]), codec.decode_message(r[1], recipient), r[2]) for r in rows
+            ]
+
+        return await self._run(work)
+
+    async def acknowledge(self, recipient: UserId, upto: Seq, now: int) -> list[UserId]:
+        def work() -> list[UserId]:
+            with self._transaction():
+                senders = self._conn.execute(
+                    "SELECT DISTINCT sender FROM messages WHERE recipient=? AND state=? AND seq<=?",
+                    (recipient, int(DeliveryState.QUEUED), upto),
+                ).fetchall()
+                self._conn.execute(
+                    "UPDATE messages SET state=?, updated=? WHERE recipient=? AND state=? AND seq<=?",
+                    (int(DeliveryState.DELIVERED), now, recipient, int(DeliveryState.QUEUED), upto),
+                )
+            return [UserId(r[0]) for r in senders]
+
+        return await self._run(work)
+
+    async def records(self, sender: UserId, limit: int) -> list[DeliveryRecord]:
+        def work() -> list[DeliveryRecord]:
+            rows = self._conn.execute(
+                "SELECT msg_id, recipient, state, reason, updated FROM messages WHERE sender=?"
+                " ORDER BY seq DESC LIMIT ?",
+                (sender, limit),
+            ).fetchall()
+            return [
+                DeliveryRecord(MessageId(r[0]), UserId(r[1]), DeliveryState(r[2]), FailureReason(r[3]), r[4])
+                for r in rows
+            ]
+
+        return await self._run(work)
+
+    async def expire_messages(self, now: int) -> list[tuple[UserId, UserId]]:
+        def work() -> list[tuple[UserId, UserId]]:
+            with self._transaction():
+                rows = self._conn.execute(
+                    "SELECT DISTINCT sender, recipient FROM messages WHERE state=? AND expires IS NOT NULL"
+                    " AND expires<=?",
+                    (int(DeliveryState.QUEUED), now),
+                ).fetchall()
+                self._conn.execute(
+                    "UPDATE messages SET state=?, reason=?, updated=? WHERE state=? AND expires IS NOT NULL"
+                    " AND expires<=?",
+                    (int(DeliveryState.FAILED), int(FailureReason.EXPIRED), now, int(DeliveryState.QUEUED), now),
+                )
+            return [(UserId(r[0]), UserId(r[1])) for r in rows]
+
+        return await self._run(work)
+
+    async def close(self) -> None:
+        def work() -> None:
+            if self._db is not None:
+                self._db.close()
+                self._db = None
+
+        await self._run(work)
+        self._executor.shutdown(wait=True)
+
+
+class _Transaction:
+    """BEGIN IMMEDIATE ... COMMIT; with synchronous=FULL the COMMIT is durable."""
+
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self._db = db
+
+    def __enter__(self) -> None:
+        self._db.execute("BEGIN IMMEDIATE")
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        self._db.execute("ROLLBACK" if exc_type is not None else "COMMIT")

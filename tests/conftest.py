@@ -1,0 +1,78 @@
+"""Shared fixtures: a real gateway on a random loopback UDP port, real aiocoap clients."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+import pytest
+
+from device_sim.client import DeviceClient
+from gateway.app import Gateway
+from gateway.core.ids import UserId
+from gateway.core.model import UserRecord
+
+ALICE = UserId("alice@example.org")
+BOB = UserId("bob@example.org")
+CAROL = UserId("carol@example.org")
+INBOX_ONLY = UserId("desk@example.org")  # an inbox with no presentity (RFC 2779 2.1.2)
+PRESENCE_ONLY = UserId("sensor@example.org")  # a presentity with no inbox
+
+
+class ManualClock:
+    """Time that moves only when a test says so."""
+
+    def __init__(self, start: float = 1_800_000_000.0) -> None:
+        self.now = start
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+@pytest.fixture
+def clock() -> ManualClock:
+    return ManualClock()
+
+
+async def start_gateway(db: Path, clock: Callable[[], float], **kwargs: object) -> Gateway:
+    gateway = await Gateway.start(
+        bind=("127.0.0.1", 0), store=f"sqlite:{db}", domains=["example.org"], clock=clock, **kwargs  # type: ignore[arg-type]
+    )
+    for user in (ALICE, BOB, CAROL):
+        await gateway.service.register(UserRecord(user))
+    await gateway.service.register(UserRecord(INBOX_ONLY, has_presentity=False))
+    await gateway.service.register(UserRecord(PRESENCE_ONLY, has_inbox=False))
+    return gateway
+
+
+@pytest.fixture
+async def gateway(tmp_path: Path, clock: ManualClock) -> AsyncIterator[Gateway]:
+    gw = await start_gateway(tmp_path / "gw.db", clock, sweep_interval=0.05)
+    yield gw
+    await gw.close()
+
+
+@pytest.fixture
+async def device(gateway: Gateway) -> AsyncIterator[Callable[[UserId], Awaitable[DeviceClient]]]:
+    made: list[DeviceClient] = []
+
+    async def make(user: UserId) -> DeviceClient:
+        client = await DeviceClient.create(f"coap://127.0.0.1:{gateway.port}", user, timeout=10)
+        made.append(client)
+        return client
+
+    yield make
+    for client in made:
+        await client.close()
+
+
+async def eventually(check: Callable[[], Awaitable[bool]], timeout: float = 5.0, step: float = 0.02) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not await check():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError("condition not met in time")
+        await asyncio.sleep(step)

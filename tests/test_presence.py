@@ -1,0 +1,229 @@
+"""Presence over real UDP: fetch, publish, subscribe (Observe), cancel, leases, link loss."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import Awaitable, Callable
+
+import aiocoap
+import cbor2
+import pytest
+from aiocoap import Code, Message
+
+from device_sim.client import DeviceClient, RequestFailed
+from gateway.app import Gateway
+from gateway.core import codec
+from gateway.core.model import Contact, PresenceDocument, Status
+
+from .conftest import ALICE, BOB, INBOX_ONLY, PRESENCE_ONLY, ManualClock, eventually
+
+MakeDevice = Callable[..., Awaitable[DeviceClient]]
+
+
+async def test_fetch_unpublished_presentity_is_closed(device: MakeDevice) -> None:
+    bob = await device(BOB)
+    doc = await bob.fetch_presence(ALICE)
+    assert doc.status is Status.CLOSED and doc.version == 0
+
+
+async def test_publish_then_fetch_keeps_all_fields(device: MakeDevice, clock: ManualClock) -> None:
+    alice, bob = await device(ALICE), await device(BOB)
+    published = PresenceDocument(
+        Status.OPEN,
+        note="Grüße 👋",
+        contact=Contact(tel="+49 30 1", email="alice@example.org", url="https://a.example", adr="Berlin"),
+        extensions={"mood": "calm", 900: [1, 2]},
+        lease=120,
+    )
+    etag = await alice.publish(published)
+    got = await bob.fetch_presence(ALICE)
+    assert (got.status, got.note, got.contact, dict(got.extensions), got.lease) == (
+        published.status, published.note, published.contact, {"mood": "calm", 900: [1, 2]}, 120
+    )
+    assert got.timestamp == int(clock.now) and got.version == 1 and etag == b"\x01"
+
+
+async def test_etag_revalidation_and_max_age(gateway: Gateway, device: MakeDevice) -> None:
+    alice, bob = await device(ALICE), await device(BOB)
+    await alice.publish(PresenceDocument(Status.OPEN, lease=30))
+    first = await bob.request(Code.GET, f"/p/{ALICE}")
+    assert first.opt.max_age == 30 and first.opt.etag == b"\x01"
+    again = await bob.request(Code.GET, f"/p/{ALICE}", etags=[first.opt.etag])
+    assert again.code == Code.VALID and again.payload == b""
+    await alice.publish(PresenceDocument(Status.CLOSED))
+    changed = await bob.request(Code.GET, f"/p/{ALICE}", etags=[first.opt.etag])
+    assert changed.code == Code.CONTENT and changed.opt.etag == b"\x02"
+
+
+async def test_every_change_is_notified_to_every_watcher(device: MakeDevice) -> None:
+    alice, bob, carol = await device(ALICE), await device(BOB), await device("carol@example.org")
+    seen: dict[str, list[str | None]] = {"bob": [], "carol": []}
+
+    async def watch(client: DeviceClient, name: str, count: int) -> None:
+        async for doc in client.watch(ALICE):
+            seen[name].append(doc.note)
+            if len(seen[name]) == count:
+                return
+
+    watchers = [asyncio.create_task(watch(bob, "bob", 4)), asyncio.create_task(watch(carol, "carol", 4))]
+    await eventually(lambda: _true(len(seen["bob"]) == 1 and len(seen["carol"]) == 1))
+    for note in ("one", "two", "three"):
+        await alice.publish(PresenceDocument(Status.OPEN, note=note))
+        # Observe keeps only the latest state: wait for it before the next change,
+        # as a watcher on a slow link would.
+        await eventually(lambda n=note: _true(seen["bob"][-1] == n and seen["carol"][-1] == n))  # type: ignore[misc]
+    await asyncio.wait_for(asyncio.gather(*watchers), 5)
+    assert seen["bob"] == seen["carol"] == [None, "one", "two", "three"]
+
+
+async def _true(value: bool) -> bool:
+    return value
+
+
+async def test_deregistration_cancels_subscription(gateway: Gateway, device: MakeDevice) -> None:
+    """RFC 7641 3.6: a GET with Observe=1 and the subscription's token ends it. Sent
+    from a raw socket, as a constrained device would (aiocoap's client cancel() sends
+    nothing, #13)."""
+    alice = await device(ALICE)
+    loop = asyncio.get_running_loop()
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.setblocking(False)
+        sock.connect(("127.0.0.1", gateway.port))
+
+        async def exchange(observe: int, mid: int) -> Message:
+            request = Message(code=Code.GET, _mtype=aiocoap.CON, _mid=mid, _token=b"\x07", observe=observe,
+                              uri_path=["p", ALICE])
+            await loop.sock_sendall(sock, request.encode())
+            return Message.decode(await asyncio.wait_for(loop.sock_recv(sock, 2048), 5))
+
+        registered = await exchange(0, 1)
+        assert registered.code == Code.CONTENT and registered.opt.observe == 0
+        assert gateway.presence.observation_count() == 1
+        deregistered = await exchange(1, 2)
+        assert deregistered.code == Code.CONTENT and deregistered.opt.observe is None
+        await eventually(lambda: _true(gateway.presence.observation_count() == 0))
+        await alice.publish(PresenceDocument(Status.OPEN, note="after cancel"))
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(loop.sock_recv(sock, 2048), 0.5)
+
+
+async def test_lease_expiry_turns_presentity_out_of_contact_and_notifies(
+    gateway: Gateway, device: MakeDevice, clock: ManualClock
+) -> None:
+    alice, bob = await device(ALICE), await device(BOB)
+    await alice.publish(PresenceDocument(Status.OPEN, note="here", lease=60))
+    docs: list[PresenceDocument] = []
+
+    async def watch() -> None:
+        async for doc in bob.watch(ALICE):
+            docs.append(doc)
+
+    task = asyncio.create_task(watch())
+    try:
+        await eventually(lambda: _true(len(docs) == 1))
+        clock.advance(59)
+        await asyncio.sleep(0.3)
+        assert len(docs) == 1 and docs[0].status is Status.OPEN
+        clock.advance(1)
+        await eventually(lambda: _true(len(docs) == 2))
+        assert docs[1].status is Status.CLOSED and docs[1].out_of_contact and docs[1].note == "here"
+        # Publishing again brings it back in contact.
+        await alice.publish(PresenceDocument(Status.OPEN, lease=60))
+        await eventually(lambda: _true(len(docs) == 3))
+        assert docs[2].status is Status.OPEN and not docs[2].out_of_contact
+    finally:
+        task.cancel()
+
+
+async def test_failed_notifications_mark_device_out_of_contact(gateway: Gateway, device: MakeDevice) -> None:
+    """A device that vanishes without goodbye: its inbox notification bounces (ICMP port
+    unreachable on loopback), the observation ends, and watchers see it out of contact."""
+    bob = await device(BOB)
+    phone = await device(ALICE)
+    await phone.publish(PresenceDocument(Status.OPEN, note="online", lease=3600))
+    inbox = phone.context.request(Message(code=Code.GET, uri=f"{phone.base}/i/{ALICE}", observe=0))
+    await asyncio.wait_for(inbox.response, 5)
+    assert gateway.inbox.observation_count() == 1
+    await phone.close()  # the radio is gone: its socket closes, nothing is said
+    await bob.send(ALICE, "are you there?")  # triggers a notification to the vanished device
+
+    async def out_of_contact() -> bool:
+        return (await bob.fetch_presence(ALICE)).out_of_contact
+
+    await eventually(out_of_contact, timeout=10)
+    assert gateway.counters.out_of_contact_by_link_loss == 1
+    # The message itself waits in the store for the device's return.
+    assert [m.message.payload for m in (await gateway.service.fetch_inbox(ALICE, 0, 4096))[0]] == [b"are you there?"]
+
+
+async def test_withdraw_is_graceful_not_out_of_contact(device: MakeDevice) -> None:
+    alice, bob = await device(ALICE), await device(BOB)
+    await alice.publish(PresenceDocument(Status.OPEN, lease=60))
+    await alice.withdraw()
+    doc = await bob.fetch_presence(ALICE)
+    assert doc.status is Status.CLOSED and not doc.out_of_contact and doc.version == 2
+
+
+async def test_presence_and_inbox_are_independent(device: MakeDevice) -> None:
+    """RFC 2779 2.1.1-2.1.3: an inbox without a presentity, a presentity without an inbox."""
+    sender, sensor = await device(BOB), await device(PRESENCE_ONLY)
+    await sender.send(INBOX_ONLY, "for the desk")
+    with pytest.raises(RequestFailed) as no_presentity:
+        await sender.fetch_presence(INBOX_ONLY)
+    assert no_presentity.value.code == Code.NOT_FOUND and "presentity" in no_presentity.value.diagnostic
+    await sensor.publish(PresenceDocument(Status.OPEN, note="22.5 C"))
+    assert (await sender.fetch_presence(PRESENCE_ONLY)).note == "22.5 C"
+    with pytest.raises(RequestFailed) as no_inbox:
+        await sender.send(PRESENCE_ONLY, "hello sensor")
+    assert no_inbox.value.code == Code.NOT_FOUND and "inbox" in no_inbox.value.diagnostic
+    # ... and one identifier may name both (2.1.4).
+    await sender.send(ALICE, "inbox")
+    assert (await sender.fetch_presence(ALICE)).status is Status.CLOSED
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "payload", "code", "diagnostic"),
+    [
+        (Code.GET, "/p/nobody@example.org", b"", Code.NOT_FOUND, "unknown user"),
+        (Code.GET, "/p/alice@elsewhere.net", b"", Code.NOT_FOUND, "domain"),
+        (Code.GET, "/p/not-an-id", b"", Code.NOT_FOUND, "user@domain"),
+        (Code.GET, "/p/alice@example.org/extra", b"", Code.NOT_FOUND, "path"),
+        (Code.GET, "/nothing", b"", Code.NOT_FOUND, ""),
+        (Code.PUT, "/p/alice@example.org", b"\xff\x00", Code.BAD_REQUEST, "malformed"),
+        (Code.PUT, "/p/alice@example.org", cbor2.dumps({0: "open"}), Code.BAD_REQUEST, "status"),
+        (Code.PUT, "/p/alice@example.org", b"\xa0" * 5000, Code.REQUEST_ENTITY_TOO_LARGE, ""),
+        (Code.PATCH, "/p/alice@example.org", b"", Code.METHOD_NOT_ALLOWED, "not allowed"),
+        (Code.GET, "/p/alice@example.org?x=1", b"", Code.BAD_REQUEST, "query"),
+    ],
+)
+async def test_bad_requests_get_clear_4xx(
+    device: MakeDevice, method: Code, path: str, payload: bytes, code: Code, diagnostic: str
+) -> None:
+    bob = await device(BOB)
+    response = await bob.request(method, path, payload)
+    assert response.code == code
+    assert diagnostic in response.payload.decode("utf-8", "replace")
+
+
+async def test_wrong_content_format_and_accept(device: MakeDevice) -> None:
+    bob = await device(BOB)
+    body = codec.encode_presence(PresenceDocument(Status.OPEN), for_publish=True)
+    put = await bob.request(Code.PUT, f"/p/{BOB}", body, content_format=50)
+    assert put.code == Code.UNSUPPORTED_CONTENT_FORMAT
+    get = await bob.request(Code.GET, f"/p/{BOB}", accept=50)
+    assert get.code == Code.NOT_ACCEPTABLE
+
+
+async def test_well_known_core_lists_resources(gateway: Gateway) -> None:
+    ctx = await aiocoap.Context.create_client_context()
+    try:
+        response = await asyncio.wait_for(
+            ctx.request(Message(code=Code.GET, uri=f"coap://127.0.0.1:{gateway.port}/.well-known/core")).response, 5
+        )
+    finally:
+        await ctx.shutdown()
+    text = response.payload.decode()
+    for needle in ('</p/{user}>;rt="impp.presence";if="core.p";obs', '</i/{user}>;rt="impp.inbox";if="core.b"',
+                   '</o/{user}>;rt="impp.receipts";if="core.s"'):
+        assert needle in text
