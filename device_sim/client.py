@@ -106,11 +106,17 @@ class DeviceClient:
     def new_message_id() -> MessageId:
         return MessageId(os.urandom(4))
 
-    async def send(self, recipient: UserId, text: str | bytes, msg_id: MessageId | None = None, **fields: object) -> int:
+    async def send(
+        self, recipient: UserId, text: str | bytes, msg_id: MessageId | None = None, **fields: object
+    ) -> int:
         """Send an IM; returns its sequence number in the recipient's inbox."""
         payload = text.encode("utf-8") if isinstance(text, str) else text
         message = InstantMessage(
-            msg_id=msg_id or self.new_message_id(), sender=self.user, recipient=recipient, payload=payload, **fields  # type: ignore[arg-type]
+            msg_id=msg_id or self.new_message_id(),
+            sender=self.user,
+            recipient=recipient,
+            payload=payload,
+            **fields,  # type: ignore[arg-type]
         )
         response = await self._ok(Code.POST, f"/i/{recipient}", codec.encode_message(message))
         return codec.decode_seq(response.payload)

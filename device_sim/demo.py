@@ -40,11 +40,16 @@ async def gateway_process(port: int, store: Path) -> AsyncIterator[None]:
     for suffix in ("", "-wal", "-shm"):
         Path(f"{store}{suffix}").unlink(missing_ok=True)
     url = f"sqlite:{store}"
-    subprocess.run(
-        [sys.executable, "-m", "gateway", "user", "add", "--store", url, ALICE, BOB, CAROL], check=True
-    )
+    subprocess.run([sys.executable, "-m", "gateway", "user", "add", "--store", url, ALICE, BOB, CAROL], check=True)
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "gateway", "serve", "--bind", f"127.0.0.1:{port}", "--store", url,
+        sys.executable,
+        "-m",
+        "gateway",
+        "serve",
+        "--bind",
+        f"127.0.0.1:{port}",
+        "--store",
+        url,
         stdout=asyncio.subprocess.PIPE,
     )
     assert proc.stdout is not None
@@ -85,7 +90,9 @@ async def run_demo(port: int, store: Path) -> None:
         bob = await DeviceClient.create(base, BOB, timeout=10)
         tasks: list[asyncio.Task[None]] = []
         try:
-            await alice.publish(PresenceDocument(Status.OPEN, note="at my desk", contact=Contact(tel="+49 30 1234"), lease=300))
+            await alice.publish(
+                PresenceDocument(Status.OPEN, note="at my desk", contact=Contact(tel="+49 30 1234"), lease=300)
+            )
             say("alice", "published OPEN 'at my desk' (lease 300 s)")
             await bob.publish(PresenceDocument(Status.OPEN, note="on the road", lease=300))
             say("bob", "published OPEN 'on the road' (lease 300 s)")
@@ -126,8 +133,11 @@ async def run_demo(port: int, store: Path) -> None:
             try:
                 batch = await carol.fetch_inbox()
                 for queued in batch.messages:
-                    say("carol", f"back online, fetched #{queued.seq} from {queued.message.sender}: "
-                        f"{queued.message.payload.decode()!r}")
+                    say(
+                        "carol",
+                        f"back online, fetched #{queued.seq} from {queued.message.sender}: "
+                        f"{queued.message.payload.decode()!r}",
+                    )
                 await carol.acknowledge(batch.cursor)
                 say("carol", f"acknowledged up to #{batch.cursor}")
             finally:

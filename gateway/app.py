@@ -40,7 +40,10 @@ class _ContainBadUtf8(logging.Filter):
         exc = record.exc_info[1] if record.exc_info else None
         if isinstance(exc, UnicodeDecodeError):
             self.counters.undecodable_datagrams += 1
-            if self.counters.undecodable_datagrams in (1, 10, 100, 1000) or self.counters.undecodable_datagrams % 10000 == 0:
+            if (
+                self.counters.undecodable_datagrams in (1, 10, 100, 1000)
+                or self.counters.undecodable_datagrams % 10000 == 0
+            ):
                 log.warning("dropped %d datagrams with non-UTF-8 options", self.counters.undecodable_datagrams)
             return False
         return True

@@ -40,7 +40,11 @@ def clock() -> ManualClock:
 
 async def start_gateway(db: Path, clock: Callable[[], float], **kwargs: object) -> Gateway:
     gateway = await Gateway.start(
-        bind=("127.0.0.1", 0), store=f"sqlite:{db}", domains=["example.org"], clock=clock, **kwargs  # type: ignore[arg-type]
+        bind=("127.0.0.1", 0),
+        store=f"sqlite:{db}",
+        domains=["example.org"],
+        clock=clock,
+        **kwargs,  # type: ignore[arg-type]
     )
     for user in (ALICE, BOB, CAROL):
         await gateway.service.register(UserRecord(user))

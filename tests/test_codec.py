@@ -92,7 +92,9 @@ contacts = st.builds(
 )
 ext_values = st.recursive(
     st.none() | st.booleans() | st.integers(-(2**63), 2**63) | st.text(max_size=10) | st.binary(max_size=10),
-    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.integers(0, 100) | st.text(max_size=5), inner, max_size=3),
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.integers(0, 100) | st.text(max_size=5), inner, max_size=3)
+    ),
     max_leaves=6,
 )
 

@@ -39,7 +39,11 @@ async def test_publish_then_fetch_keeps_all_fields(device: MakeDevice, clock: Ma
     etag = await alice.publish(published)
     got = await bob.fetch_presence(ALICE)
     assert (got.status, got.note, got.contact, dict(got.extensions), got.lease) == (
-        published.status, published.note, published.contact, {"mood": "calm", 900: [1, 2]}, 120
+        published.status,
+        published.note,
+        published.contact,
+        {"mood": "calm", 900: [1, 2]},
+        120,
     )
     assert got.timestamp == int(clock.now) and got.version == 1 and etag == b"\x01"
 
@@ -92,8 +96,9 @@ async def test_deregistration_cancels_subscription(gateway: Gateway, device: Mak
         sock.connect(("127.0.0.1", gateway.port))
 
         async def exchange(observe: int, mid: int) -> Message:
-            request = Message(code=Code.GET, _mtype=aiocoap.CON, _mid=mid, _token=b"\x07", observe=observe,
-                              uri_path=["p", ALICE])
+            request = Message(
+                code=Code.GET, _mtype=aiocoap.CON, _mid=mid, _token=b"\x07", observe=observe, uri_path=["p", ALICE]
+            )
             await loop.sock_sendall(sock, request.encode())
             return Message.decode(await asyncio.wait_for(loop.sock_recv(sock, 2048), 5))
 
@@ -224,6 +229,9 @@ async def test_well_known_core_lists_resources(gateway: Gateway) -> None:
     finally:
         await ctx.shutdown()
     text = response.payload.decode()
-    for needle in ('</p/{user}>;rt="impp.presence";if="core.p";obs', '</i/{user}>;rt="impp.inbox";if="core.b"',
-                   '</o/{user}>;rt="impp.receipts";if="core.s"'):
+    for needle in (
+        '</p/{user}>;rt="impp.presence";if="core.p";obs',
+        '</i/{user}>;rt="impp.inbox";if="core.b"',
+        '</o/{user}>;rt="impp.receipts";if="core.s"',
+    ):
         assert needle in text

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import defaultdict
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 from aiocoap import Code, Message, error, resource
@@ -77,7 +77,7 @@ def _cbor_response(payload: bytes, code: Code = Code.CONTENT, **options: Any) ->
     return Message(code=code, payload=payload, content_format=CBOR, **options)
 
 
-class PerUserResource(resource.ObservableResource, resource.PathCapable):
+class PerUserResource(resource.ObservableResource, resource.PathCapable):  # type: ignore[misc]
     """Serves ``/{prefix}/{user}``; subclasses implement ``do_<method>(user, request)``."""
 
     rt = ""
@@ -88,7 +88,7 @@ class PerUserResource(resource.ObservableResource, resource.PathCapable):
         super().__init__()
         self.service = service
         self.observers: defaultdict[UserId, set[Any]] = defaultdict(set)
-        self.on_last_observer_gone: Callable[[UserId], Awaitable[None]] | None = None
+        self.on_last_observer_gone: Callable[[UserId], Coroutine[Any, Any, None]] | None = None
         self.closing = False
 
     # Routing -------------------------------------------------------------------------

@@ -234,11 +234,7 @@ def decode_presence_view(data: bytes) -> PresenceDocument:
 
 
 def _contact_map(contact: Contact) -> dict[int, str]:
-    return {
-        key: value
-        for key in ContactKey
-        if (value := getattr(contact, key.name.lower())) is not None
-    }
+    return {key: value for key in ContactKey if (value := getattr(contact, key.name.lower())) is not None}
 
 
 def encode_presence(doc: PresenceDocument, *, for_publish: bool = False) -> bytes:

@@ -18,7 +18,7 @@ Seq = NewType("Seq", int)
 
 # Values allowed in the presence extension map: kept verbatim, so future or private
 # fields survive a round trip through a gateway that does not understand them.
-ExtValue: TypeAlias = "int | str | bytes | bool | float | None | list[ExtValue] | dict[int | str, ExtValue]"
+ExtValue: TypeAlias = "int | str | bytes | bool | float | list[ExtValue] | dict[int | str, ExtValue] | None"
 
 
 class Status(IntEnum):

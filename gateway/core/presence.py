@@ -34,7 +34,9 @@ def mark_out_of_contact(doc: PresenceDocument, now: int) -> PresenceDocument:
 def withdraw(doc: PresenceDocument | None, now: int) -> PresenceDocument:
     """A graceful goodbye: CLOSED, not out of contact."""
     base = doc if doc is not None else PresenceDocument()
-    return replace(base, status=Status.CLOSED, out_of_contact=False, lease=None, timestamp=now, version=base.version + 1)
+    return replace(
+        base, status=Status.CLOSED, out_of_contact=False, lease=None, timestamp=now, version=base.version + 1
+    )
 
 
 def lease_deadline(doc: PresenceDocument) -> int | None:

@@ -17,4 +17,4 @@ async def open_store(url: str) -> Store:
     raise ValueError(f"unknown store URL {url!r}; known schemes: {', '.join(SCHEMES)}")
 
 
-__all__ = ["Store", "SqliteStore", "open_store"]
+__all__ = ["SqliteStore", "Store", "open_store"]

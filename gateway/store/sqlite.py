@@ -128,9 +128,7 @@ class SqliteStore:
 
     async def get_user(self, user: UserId) -> UserRecord | None:
         def work() -> UserRecord | None:
-            row = self._conn.execute(
-                "SELECT has_presentity, has_inbox FROM users WHERE user=?", (user,)
-            ).fetchone()
+            row = self._conn.execute("SELECT has_presentity, has_inbox FROM users WHERE user=?", (user,)).fetchone()
             return None if row is None else UserRecord(user, bool(row[0]), bool(row[1]))
 
         return await self._run(work)
@@ -165,9 +163,7 @@ class SqliteStore:
 
         def work() -> None:
             with self._transaction():
-                self._conn.execute(
-                    "INSERT OR REPLACE INTO presence VALUES (?, ?, ?)", (user, body, lease_deadline)
-                )
+                self._conn.execute("INSERT OR REPLACE INTO presence VALUES (?, ?, ?)", (user, body, lease_deadline))
 
         await self._run(work)
 
@@ -215,13 +211,10 @@ class SqliteStore:
     async def pending(self, recipient: UserId, after: Seq, limit: int) -> list[QueuedMessage]:
         def work() -> list[QueuedMessage]:
             rows = self._conn.execute(
-                "SELECT seq, body, received FROM messages WHERE recipient=? AND state=? AND seq>?"
-                " ORDER BY seq LIMIT ?",
+                "SELECT seq, body, received FROM messages WHERE recipient=? AND state=? AND seq>? ORDER BY seq LIMIT ?",
                 (recipient, int(DeliveryState.QUEUED), after, limit),
             ).fetchall()
-            return [
-                QueuedMessage(Seq(r[0]), codec.decode_message(r[1], recipient), r[2]) for r in rows
-            ]
+            return [QueuedMessage(Seq(r[0]), codec.decode_message(r[1], recipient), r[2]) for r in rows]
 
         return await self._run(work)
 
