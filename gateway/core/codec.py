@@ -15,8 +15,9 @@ from typing import Any
 
 import cbor2
 
+from . import access
 from .errors import CodecError, GatewayError, PayloadTooLarge
-from .ids import UserId, parse_user_id
+from .ids import UserId, parse_domain, parse_user_id
 from .model import (
     Contact,
     DeliveryRecord,
@@ -405,3 +406,105 @@ def dumps_seq(seq: int) -> bytes:
 
 def decode_seq(data: bytes) -> int:
     return _uint(_loads(data), "seq", 2**63)
+
+
+# -- access rules -------------------------------------------------------------------
+
+
+class RulesKey(IntEnum):
+    FETCHERS = 0
+    SUBSCRIBERS = 1
+    PUBLISHERS = 2
+    REFUSED = 3
+    BLOCKED = 4
+    VIEWS = 5
+    SENDERS = 6
+    BLOCKED_SENDERS = 7
+    READERS = 8
+
+
+class ViewKey(IntEnum):
+    FIELDS = 0
+    NOTE = 1
+
+
+def _pattern(value: Any) -> str:
+    text = _text(value, "pattern", 64)
+    if text in (access.ANYONE, access.ANONYMOUS):
+        return text
+    try:
+        if text.startswith("*@"):
+            return "*@" + parse_domain(text[2:])
+        return parse_user_id(text)
+    except GatewayError as exc:
+        raise CodecError(f"pattern {text!r}: {exc.diagnostic}") from exc
+
+
+def _patterns(value: Any, what: str) -> tuple[str, ...]:
+    if not isinstance(value, list) or len(value) > access.MAX_PATTERNS:
+        raise CodecError(f"{what}: array of at most {access.MAX_PATTERNS} patterns expected")
+    return tuple(_pattern(v) for v in value)
+
+
+def _users(value: Any, what: str) -> tuple[UserId, ...]:
+    if not isinstance(value, list) or len(value) > access.MAX_PATTERNS:
+        raise CodecError(f"{what}: array of at most {access.MAX_PATTERNS} identifiers expected")
+    return tuple(_user(v, what) for v in value)
+
+
+def decode_rules(data: bytes) -> access.AccessRules:
+    """Decode a rule set; keys left out keep their defaults."""
+    body = _map(_loads(data), "rules")
+    _check_keys(body, RulesKey, "rules")
+    defaults = access.DEFAULT_RULES
+    views: dict[str, access.View] = {}
+    raw_views = _map(body.get(RulesKey.VIEWS, {}), "views")
+    if len(raw_views) > access.MAX_PATTERNS:
+        raise CodecError("views: too many")
+    for pattern, raw in raw_views.items():
+        view = _map(raw, "view")
+        _check_keys(view, ViewKey, "view")
+        fields = _uint(view.get(ViewKey.FIELDS, int(access.Field.ALL)), "view fields", int(access.Field.ALL))
+        note = _text(view[ViewKey.NOTE], "view note", MAX_NOTE) if ViewKey.NOTE in view else None
+        views[_pattern(pattern)] = access.View(access.Field(fields), note)
+
+    def patterns(key: RulesKey, default: tuple[str, ...]) -> tuple[str, ...]:
+        return _patterns(body[key], key.name.lower()) if key in body else default
+
+    def users(key: RulesKey, default: tuple[UserId, ...]) -> tuple[UserId, ...]:
+        return _users(body[key], key.name.lower()) if key in body else default
+
+    return access.AccessRules(
+        fetchers=patterns(RulesKey.FETCHERS, defaults.fetchers),
+        subscribers=patterns(RulesKey.SUBSCRIBERS, defaults.subscribers),
+        publishers=users(RulesKey.PUBLISHERS, defaults.publishers),
+        refused=patterns(RulesKey.REFUSED, defaults.refused),
+        blocked=patterns(RulesKey.BLOCKED, defaults.blocked),
+        views=views,
+        senders=patterns(RulesKey.SENDERS, defaults.senders),
+        blocked_senders=patterns(RulesKey.BLOCKED_SENDERS, defaults.blocked_senders),
+        readers=users(RulesKey.READERS, defaults.readers),
+    )
+
+
+def encode_rules(rules: access.AccessRules) -> bytes:
+    views = {
+        pattern: {
+            int(ViewKey.FIELDS): int(view.fields),
+            **({int(ViewKey.NOTE): view.note} if view.note is not None else {}),
+        }
+        for pattern, view in rules.views.items()
+    }
+    return _dumps(
+        {
+            int(RulesKey.FETCHERS): list(rules.fetchers),
+            int(RulesKey.SUBSCRIBERS): list(rules.subscribers),
+            int(RulesKey.PUBLISHERS): list(rules.publishers),
+            int(RulesKey.REFUSED): list(rules.refused),
+            int(RulesKey.BLOCKED): list(rules.blocked),
+            int(RulesKey.VIEWS): views,
+            int(RulesKey.SENDERS): list(rules.senders),
+            int(RulesKey.BLOCKED_SENDERS): list(rules.blocked_senders),
+            int(RulesKey.READERS): list(rules.readers),
+        }
+    )
