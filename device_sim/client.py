@@ -104,7 +104,9 @@ class DeviceClient:
 
     @staticmethod
     def new_message_id() -> MessageId:
-        return MessageId(os.urandom(4))
+        # 8 random bytes: collisions (which would be refused as 4.09) stay negligible
+        # for billions of messages per sender.
+        return MessageId(os.urandom(8))
 
     async def send(
         self, recipient: UserId, text: str | bytes, msg_id: MessageId | None = None, **fields: object

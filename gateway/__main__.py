@@ -33,15 +33,14 @@ async def _user(args: argparse.Namespace) -> int:
     store = await open_store(args.store)
     try:
         if args.action == "add":
-            for text in args.ids:
-                user = parse_user_id(text)
+            users = [parse_user_id(text) for text in args.ids]  # all valid, or nothing is stored
+            for user in users:
                 created = await store.add_user(
                     UserRecord(user, has_presentity=not args.no_presence, has_inbox=not args.no_inbox)
                 )
                 print(f"{'added' if created else 'updated'} {user} ({domain_of(user)})")
         elif args.action == "remove":
-            for text in args.ids:
-                user = parse_user_id(text)
+            for user in [parse_user_id(text) for text in args.ids]:
                 print(f"{'removed' if await store.remove_user(user) else 'no such user'} {user}")
         else:
             for record in await store.list_users():

@@ -7,11 +7,12 @@ import logging
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 import aiocoap
-from aiocoap import resource
 
 from .coap.resources import CoapListener, InboxResource, OutboxResource, PresenceResource
+from .coap.site import GatewaySite, WellKnownCore
 from .core.ids import Domain, UserId
 from .service import GatewayService
 from .store import Store, open_store
@@ -27,26 +28,44 @@ class Counters:
     out_of_contact_by_link_loss: int = 0
 
 
-class _ContainBadUtf8(logging.Filter):
-    """aiocoap 0.4.17 logs a full traceback for each datagram whose string option is
-    not UTF-8 (see aiocoap-notes): anyone able to send UDP could flood the log. Count
-    such drops and log one line instead."""
+def _raised_in_aiocoap(exc: BaseException) -> bool:
+    tb = exc.__traceback__
+    while tb is not None:
+        if "/aiocoap/" in tb.tb_frame.f_code.co_filename:
+            return True
+        tb = tb.tb_next
+    return False
 
-    def __init__(self, counters: Counters) -> None:
-        super().__init__()
+
+class _BadUtf8Containment:
+    """aiocoap 0.4.17 lets a UnicodeDecodeError escape its datagram callback for each
+    datagram whose string option (Uri-Path etc.) is not UTF-8 (see aiocoap-notes);
+    asyncio then logs a full traceback, so anyone able to send UDP could flood the
+    log. This loop exception handler counts such drops and logs one line now and
+    then; every other exception goes to the handler that was there before."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, counters: Counters) -> None:
+        self.loop = loop
         self.counters = counters
+        self.previous = loop.get_exception_handler()
+        loop.set_exception_handler(self)
 
-    def filter(self, record: logging.LogRecord) -> bool:
-        exc = record.exc_info[1] if record.exc_info else None
-        if isinstance(exc, UnicodeDecodeError):
+    def __call__(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        exc = context.get("exception")
+        if isinstance(exc, UnicodeDecodeError) and _raised_in_aiocoap(exc):
             self.counters.undecodable_datagrams += 1
-            if (
-                self.counters.undecodable_datagrams in (1, 10, 100, 1000)
-                or self.counters.undecodable_datagrams % 10000 == 0
-            ):
-                log.warning("dropped %d datagrams with non-UTF-8 options", self.counters.undecodable_datagrams)
-            return False
-        return True
+            count = self.counters.undecodable_datagrams
+            if count in (1, 10, 100, 1000) or count % 10000 == 0:
+                log.warning("dropped %d datagrams with non-UTF-8 options", count)
+            return
+        if self.previous is not None:
+            self.previous(loop, context)
+        else:
+            loop.default_exception_handler(context)
+
+    def remove(self) -> None:
+        if self.loop.get_exception_handler() is self:
+            self.loop.set_exception_handler(self.previous)
 
 
 def parse_bind(text: str) -> tuple[str, int]:
@@ -70,8 +89,9 @@ class Gateway:
     outbox: OutboxResource
     counters: Counters
     sweep_interval: float
+    link_loss_grace: float = 0.5
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
-    _log_filter: logging.Filter | None = None
+    _containment: _BadUtf8Containment | None = None
 
     @classmethod
     async def start(
@@ -90,19 +110,17 @@ class Gateway:
         outbox_res = OutboxResource(service)
         service.listener = CoapListener(presence_res, inbox_res, outbox_res)
 
-        site = resource.Site()
-        site.add_resource([".well-known", "core"], resource.WKCResource(site.get_resources_as_linkheader))
+        site = GatewaySite()
+        site.add_resource([".well-known", "core"], WellKnownCore(site.get_resources_as_linkheader))
         site.add_resource(["p"], presence_res)
         site.add_resource(["i"], inbox_res)
         site.add_resource(["o"], outbox_res)
 
         counters = Counters()
-        log_filter = _ContainBadUtf8(counters)
-        for name in ("coap-server", "coap"):
-            logging.getLogger(name).addFilter(log_filter)
+        containment = _BadUtf8Containment(asyncio.get_running_loop(), counters)
         context = await aiocoap.Context.create_server_context(site, bind=bind, transports=["udp6"])
         gateway = cls(service, context, the_store, presence_res, inbox_res, outbox_res, counters, sweep_interval)
-        gateway._log_filter = log_filter
+        gateway._containment = containment
         inbox_res.on_last_observer_gone = gateway._inbox_watch_lost
         gateway._tasks.append(asyncio.create_task(gateway._sweeper()))
         log.info("gateway serving %s on udp %s:%d", ", ".join(service.domains), bind[0], gateway.port)
@@ -120,7 +138,14 @@ class Gateway:
     async def _inbox_watch_lost(self, user: UserId) -> None:
         """A device's last inbox observation ended: its notifications failed (RST,
         ICMP error or retransmission give-up), so it is out of contact until it
-        publishes again. A graceful goodbye is a presence DELETE before leaving."""
+        publishes again. A deregistration (GET with Observe=1) or a presence DELETE
+        is a graceful goodbye and does not count."""
+        await asyncio.sleep(self.link_loss_grace)
+        if self.inbox.observers.get(user):
+            return  # it came back (e.g. re-registered with a new token)
+        left_on_purpose = self.inbox.deregistered.pop(user, None)
+        if left_on_purpose is not None and self.service.now() - left_on_purpose <= self.link_loss_grace + 1:
+            return
         try:
             if await self.service.mark_out_of_contact(user, only_if_expired=False):
                 self.counters.out_of_contact_by_link_loss += 1
@@ -143,6 +168,5 @@ class Gateway:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.context.shutdown()
         await self.store.close()
-        if self._log_filter is not None:
-            for name in ("coap-server", "coap"):
-                logging.getLogger(name).removeFilter(self._log_filter)
+        if self._containment is not None:
+            self._containment.remove()

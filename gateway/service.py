@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterable
 from typing import Protocol
 
 from .core import codec, inbox, presence
-from .core.errors import Forbidden, NotFound
+from .core.errors import Forbidden, NotFound, PreconditionFailed
 from .core.ids import Domain, UserId, domain_of
 from .core.model import (
     DeliveryRecord,
@@ -105,10 +105,14 @@ class GatewayService:
         await self._presentity(user)
         return await self.store.get_presence(user) or PresenceDocument()
 
-    async def publish_presence(self, user: UserId, published: PresenceDocument) -> PresenceDocument:
+    async def publish_presence(
+        self, user: UserId, published: PresenceDocument, *, if_match: list[bytes] | None = None
+    ) -> PresenceDocument:
         await self._presentity(user)
         async with self._presence_locks[user]:
             previous = await self.store.get_presence(user)
+            if if_match is not None and presence.etag(previous or PresenceDocument()) not in if_match:
+                raise PreconditionFailed("presence changed since that version")
             doc = presence.apply_publish(previous, published, self.now())
             await self.store.put_presence(user, doc, presence.lease_deadline(doc))
         self.listener.presence_changed(user)
@@ -158,11 +162,13 @@ class GatewayService:
             self.listener.records_changed(message.sender)
         return message, result
 
-    async def fetch_inbox(self, user: UserId, after: Seq, budget: int) -> tuple[list[QueuedMessage], bool]:
+    async def fetch_inbox(
+        self, user: UserId, after: Seq, budget: int, *, for_notification: bool = False
+    ) -> tuple[list[QueuedMessage], bool]:
         await self._inbox(user)
         queued = await self.store.pending(user, after, FETCH_LIMIT + 1)
         more_in_store = len(queued) > FETCH_LIMIT
-        batch, more = inbox.fit_batch(queued[:FETCH_LIMIT], budget)
+        batch, more = inbox.fit_batch(queued[:FETCH_LIMIT], budget, at_least_one=not for_notification)
         return batch, more or more_in_store
 
     async def acknowledge(self, user: UserId, upto: Seq) -> None:

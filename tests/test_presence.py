@@ -235,3 +235,49 @@ async def test_well_known_core_lists_resources(gateway: Gateway) -> None:
         '</o/{user}>;rt="impp.receipts";if="core.s"',
     ):
         assert needle in text
+
+
+async def test_if_match_publishes_only_over_the_version_seen(device: MakeDevice) -> None:
+    alice = await device(ALICE)
+    first = await alice.publish(PresenceDocument(Status.OPEN, note="v1"))
+    body = codec.encode_presence(PresenceDocument(Status.OPEN, note="v2"), for_publish=True)
+    ok = await alice.request(Code.PUT, f"/p/{ALICE}", body, if_match=[first])
+    assert ok.code == Code.CHANGED and ok.opt.etag == b"\x02"
+    stale = await alice.request(Code.PUT, f"/p/{ALICE}", body, if_match=[first])
+    assert stale.code == Code.PRECONDITION_FAILED
+    assert (await alice.fetch_presence(ALICE)).note == "v2"
+
+
+async def test_unknown_critical_option_is_4_02(gateway: Gateway) -> None:
+    from aiocoap.numbers.optionnumbers import OptionNumber
+    from aiocoap.optiontypes import OpaqueOption
+
+    ctx = await aiocoap.Context.create_client_context()
+    try:
+        request = Message(code=Code.GET, uri=f"coap://127.0.0.1:{gateway.port}/p/{ALICE}")
+        request.opt.add_option(OpaqueOption(OptionNumber(65001), b"x"))  # odd number: critical
+        response = await asyncio.wait_for(ctx.request(request).response, 5)
+    finally:
+        await ctx.shutdown()
+    assert response.code == Code.BAD_OPTION and b"65001" in response.payload
+
+
+async def test_inbox_deregistration_is_a_graceful_goodbye(gateway: Gateway, device: MakeDevice) -> None:
+    """RFC 7641 3.6 deregistration ends the inbox observation without marking the
+    device out of contact (only failed notifications do)."""
+    alice = await device(ALICE)
+    await alice.publish(PresenceDocument(Status.OPEN, lease=3600))
+    loop = asyncio.get_running_loop()
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.setblocking(False)
+        sock.connect(("127.0.0.1", gateway.port))
+        for mid, observe in ((1, 0), (2, 1)):
+            request = Message(code=Code.GET, _mtype=aiocoap.CON, _mid=mid, _token=b"\x09", observe=observe,
+                              uri_path=["i", ALICE])
+            await loop.sock_sendall(sock, request.encode())
+            assert Message.decode(await asyncio.wait_for(loop.sock_recv(sock, 2048), 5)).code == Code.CONTENT
+        await eventually(lambda: _true(gateway.inbox.observation_count() == 0))
+    await asyncio.sleep(gateway.link_loss_grace + 0.3)
+    doc = await alice.fetch_presence(ALICE)
+    assert doc.status is Status.OPEN and not doc.out_of_contact
+    assert gateway.counters.out_of_contact_by_link_loss == 0

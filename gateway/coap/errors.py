@@ -9,4 +9,9 @@ from ..core.errors import GatewayError
 
 def error_to_response(err: GatewayError) -> Message:
     # Diagnostic payload (RFC 7252 5.5.2): short UTF-8 text, no content format.
-    return Message(code=Code(int(err.code)), payload=err.diagnostic.encode("utf-8")[:120])
+    return Message(code=Code(int(err.code)), payload=short_diagnostic(err.diagnostic))
+
+
+def short_diagnostic(text: str, limit: int = 120) -> bytes:
+    """At most ``limit`` bytes of UTF-8, never cut inside a character."""
+    return text.encode("utf-8")[:limit].decode("utf-8", "ignore").encode("utf-8")

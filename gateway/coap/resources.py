@@ -18,10 +18,12 @@ from typing import Any
 
 from aiocoap import Code, Message, error, resource
 from aiocoap.numbers.contentformat import ContentFormat
+from aiocoap.numbers.optionnumbers import OptionNumber
 from aiocoap.util.linkformat import Link, LinkFormat
 
 from ..core import codec, inbox, presence
 from ..core.errors import (
+    BadOption,
     BadRequest,
     GatewayError,
     MethodNotAllowed,
@@ -40,6 +42,31 @@ log = logging.getLogger(__name__)
 
 CBOR = ContentFormat.CBOR
 MAX_CURSOR = 2**63 - 1
+
+
+# Critical options (RFC 7252 5.4.1) this gateway understands; any other critical
+# option is answered 4.02, as aiocoap 0.4.17 would otherwise ignore it.
+_UNDERSTOOD_CRITICAL = {
+    int(number)
+    for number in (
+        OptionNumber.IF_MATCH,
+        OptionNumber.URI_HOST,
+        OptionNumber.IF_NONE_MATCH,
+        OptionNumber.URI_PORT,
+        OptionNumber.OSCORE,
+        OptionNumber.URI_PATH,
+        OptionNumber.URI_QUERY,
+        OptionNumber.ACCEPT,
+        OptionNumber.BLOCK2,
+        OptionNumber.BLOCK1,
+    )
+}
+
+
+def _check_critical_options(request: Message) -> None:
+    for option in request.opt.option_list():
+        if option.number.is_critical() and int(option.number) not in _UNDERSTOOD_CRITICAL:
+            raise BadOption(f"unsupported critical option {int(option.number)}")
 
 
 def _check_body_format(request: Message) -> bytes:
@@ -65,10 +92,17 @@ def _query(request: Message, allowed: set[str]) -> dict[str, str]:
     return out
 
 
+def _if_match(request: Message) -> list[bytes] | None:
+    """If-Match ETags (RFC 7252 5.10.8.1): publish only over the version the client saw."""
+    values = list(request.opt.if_match)
+    return values or None
+
+
 def _cursor(value: str | None) -> Seq:
     if value is None:
         return Seq(0)
-    if not value.isdigit() or len(value) > 19 or int(value) > MAX_CURSOR:
+    # isascii: str.isdigit() also accepts digits like '²' that int() refuses.
+    if not (value.isascii() and value.isdigit()) or len(value) > 19 or int(value) > MAX_CURSOR:
         raise BadRequest("cursor must be a non-negative integer")
     return Seq(int(value))
 
@@ -88,6 +122,7 @@ class PerUserResource(resource.ObservableResource, resource.PathCapable):  # typ
         super().__init__()
         self.service = service
         self.observers: defaultdict[UserId, set[Any]] = defaultdict(set)
+        self._awaiting_first_render: dict[int, Any] = {}
         self.on_last_observer_gone: Callable[[UserId], Coroutine[Any, Any, None]] | None = None
         self.closing = False
 
@@ -111,7 +146,11 @@ class PerUserResource(resource.ObservableResource, resource.PathCapable):  # typ
             handler = getattr(self, "do_" + str(request.code).lower(), None)
             if handler is None:
                 raise MethodNotAllowed(f"{request.code} not allowed here")
+            _check_critical_options(request)
+            _check_accept(request)
             response: Message = await handler(user, request)
+            if response.code is not None and response.code.is_successful():
+                self._establish(request, user)
             return response
         except GatewayError as err:
             return error_to_response(err)
@@ -125,21 +164,28 @@ class PerUserResource(resource.ObservableResource, resource.PathCapable):  # typ
     # Observation ---------------------------------------------------------------------
 
     async def add_observation(self, request: Message, serverobservation: Any) -> None:
-        try:
-            user = self._user_of(request)
-        except GatewayError:
-            return
-        watchers = self.observers[user]
-        watchers.add(serverobservation)
+        """Called before the first render; the observation counts only once that render
+        succeeded (see ``_establish``): a refused Observe never became a watcher."""
+        self._awaiting_first_render[id(request)] = serverobservation
 
         def cancelled() -> None:
-            watchers.discard(serverobservation)
-            if not watchers:
-                self.observers.pop(user, None)
-                if self.on_last_observer_gone is not None and not self.closing:
-                    asyncio.get_running_loop().create_task(self.on_last_observer_gone(user))
+            self._awaiting_first_render.pop(id(request), None)
+            for user, watchers in list(self.observers.items()):
+                if serverobservation in watchers:
+                    watchers.discard(serverobservation)
+                    if not watchers:
+                        del self.observers[user]
+                        if self.on_last_observer_gone is not None and not self.closing:
+                            asyncio.get_running_loop().create_task(self.on_last_observer_gone(user))
 
+        # Always accept: aiocoap 0.4.17 calls the cancellation callback of every
+        # observation it asked about, and logs a traceback if none was set.
         serverobservation.accept(cancelled)
+
+    def _establish(self, request: Message, user: UserId) -> None:
+        serverobservation = self._awaiting_first_render.pop(id(request), None)
+        if serverobservation is not None:
+            self.observers[user].add(serverobservation)
 
     def notify(self, user: UserId) -> None:
         for obs in list(self.observers.get(user, ())):
@@ -160,7 +206,6 @@ class PresenceResource(PerUserResource):
     title = "presence of user@domain: GET (Observe) / PUT / DELETE"
 
     async def do_get(self, user: UserId, request: Message) -> Message:
-        _check_accept(request)
         _query(request, set())
         doc = await self.service.fetch_presence(user)
         tag = presence.etag(doc)
@@ -170,34 +215,46 @@ class PresenceResource(PerUserResource):
         return _cbor_response(codec.encode_presence(doc), etag=tag, max_age=max_age)
 
     async def do_put(self, user: UserId, request: Message) -> Message:
+        _query(request, set())
         doc = codec.decode_presence(_check_body_format(request))
-        stored = await self.service.publish_presence(user, doc)
+        stored = await self.service.publish_presence(user, doc, if_match=_if_match(request))
         return Message(code=Code.CHANGED, etag=presence.etag(stored))
 
     do_post = do_put
 
     async def do_delete(self, user: UserId, request: Message) -> Message:
-        await self.service.withdraw_presence(user)
-        return Message(code=Code.DELETED)
+        _query(request, set())
+        stored = await self.service.withdraw_presence(user)
+        return Message(code=Code.DELETED, etag=presence.etag(stored))
 
 
 class InboxResource(PerUserResource):
+    def __init__(self, service: GatewayService) -> None:
+        super().__init__(service)
+        # user -> when it last deregistered its inbox observation on purpose
+        self.deregistered: dict[UserId, int] = {}
+
     rt = "impp.inbox"
     if_ = "core.b"
     title = "instant inbox of user@domain: POST sends, GET ?c=cursor (Observe) reads, DELETE ?c=seq acknowledges"
 
     async def do_post(self, user: UserId, request: Message) -> Message:
+        _query(request, set())
         _, result = await self.service.send_message(user, _check_body_format(request))
         # Same answer for a first send and a resend: the sender cannot tell, and need not.
         return _cbor_response(codec.dumps_seq(result.seq), code=Code.CREATED)
 
     async def do_get(self, user: UserId, request: Message) -> Message:
-        _check_accept(request)
         query = _query(request, {"c"})
+        if request.opt.observe == 1:
+            # RFC 7641 3.6 deregistration: the device leaves on purpose.
+            self.deregistered[user] = self.service.now()
         after = _cursor(query.get("c"))
-        budget = inbox.NOTIFICATION_BUDGET if request.opt.observe is not None else codec.MAX_BODY
-        batch, more = await self.service.fetch_inbox(user, after, budget)
-        return _cbor_response(codec.encode_batch(batch, more))
+        observing = request.opt.observe == 0
+        budget = inbox.NOTIFICATION_BUDGET if observing else codec.MAX_BODY
+        batch, more = await self.service.fetch_inbox(user, after, budget, for_notification=observing)
+        # Max-Age 0: an inbox read must never be served from a cache.
+        return _cbor_response(codec.encode_batch(batch, more), max_age=0)
 
     async def do_delete(self, user: UserId, request: Message) -> Message:
         query = _query(request, {"c"})
@@ -213,10 +270,9 @@ class OutboxResource(PerUserResource):
     title = "delivery records of messages sent by user@domain: GET (Observe)"
 
     async def do_get(self, user: UserId, request: Message) -> Message:
-        _check_accept(request)
         _query(request, set())
         records = await self.service.delivery_records(user)
-        return _cbor_response(codec.encode_records(records))
+        return _cbor_response(codec.encode_records(records), max_age=0)
 
 
 class CoapListener:

@@ -50,6 +50,10 @@ class CodecError(BadRequest):
     """Untrusted bytes did not decode to a valid model; the only error codecs raise."""
 
 
+class BadOption(GatewayError):
+    code = ResponseCode.BAD_OPTION
+
+
 class PayloadTooLarge(GatewayError):
     code = ResponseCode.REQUEST_ENTITY_TOO_LARGE
 

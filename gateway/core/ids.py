@@ -26,7 +26,7 @@ _DOMAIN = re.compile(r"^(?=.{1,63}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)(\.[a-z0
 
 def parse_domain(text: str) -> Domain:
     domain = text.lower()
-    if not _DOMAIN.match(domain):
+    if not _DOMAIN.fullmatch(domain):
         raise BadRequest("bad domain")
     return Domain(domain)
 
@@ -38,7 +38,7 @@ def parse_user_id(text: str) -> UserId:
     local, sep, domain = text.partition("@")
     if not sep:
         raise BadRequest("identifier must be user@domain")
-    if not _LOCAL.match(local):
+    if not _LOCAL.fullmatch(local):
         raise BadRequest("bad user part")
     return UserId(f"{local}@{parse_domain(domain)}")
 

@@ -25,16 +25,19 @@ def expires_at(message: InstantMessage, received: int) -> int | None:
     return None if message.ttl is None else received + message.ttl
 
 
-def fit_batch(messages: Sequence[QueuedMessage], budget: int) -> tuple[list[QueuedMessage], bool]:
+def fit_batch(
+    messages: Sequence[QueuedMessage], budget: int, *, at_least_one: bool
+) -> tuple[list[QueuedMessage], bool]:
     """The longest prefix of ``messages`` whose encoded batch fits ``budget`` bytes.
 
-    Always at least one message, so a single large message is still delivered
-    (by block-wise transfer on a plain GET)."""
+    A fetch (``at_least_one``) always returns the first message, so a single large
+    message is still delivered, by block-wise transfer. A notification cannot be
+    block-wise (aiocoap #177): it may carry no message and only say ``more``."""
     out: list[QueuedMessage] = []
     used = BATCH_OVERHEAD
     for msg in messages:
         size = batch_size_of(msg)
-        if out and used + size > budget:
+        if used + size > budget and (out or not at_least_one):
             return out, True
         out.append(msg)
         used += size

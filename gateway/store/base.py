@@ -25,7 +25,9 @@ class Store(Protocol):
 
     async def get_user(self, user: UserId) -> UserRecord | None: ...
 
-    async def remove_user(self, user: UserId) -> bool: ...
+    async def remove_user(self, user: UserId) -> bool:
+        """Remove a user and its presence; its queued messages fail as UNKNOWN_RECIPIENT."""
+        ...
 
     async def list_users(self) -> list[UserRecord]: ...
 
@@ -38,7 +40,8 @@ class Store(Protocol):
         ...
 
     async def enqueue(self, message: InstantMessage, body: bytes, received: int, expires: int | None) -> EnqueueResult:
-        """Store a message durably, once per (sender, msg_id); raises Conflict if that id holds another body."""
+        """Store a message durably, once per (sender, msg_id); raises Conflict if that id
+        already holds another body or recipient."""
         ...
 
     async def pending(self, recipient: UserId, after: Seq, limit: int) -> list[QueuedMessage]:

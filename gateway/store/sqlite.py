@@ -138,6 +138,11 @@ class SqliteStore:
             with self._transaction():
                 cur = self._conn.execute("DELETE FROM users WHERE user=?", (user,))
                 self._conn.execute("DELETE FROM presence WHERE user=?", (user,))
+                # Their senders learn why these will never arrive.
+                self._conn.execute(
+                    "UPDATE messages SET state=?, reason=?, updated=updated WHERE recipient=? AND state=?",
+                    (int(DeliveryState.FAILED), int(FailureReason.UNKNOWN_RECIPIENT), user, int(DeliveryState.QUEUED)),
+                )
             return cur.rowcount > 0
 
         return await self._run(work)
@@ -182,11 +187,11 @@ class SqliteStore:
         def work() -> EnqueueResult:
             with self._transaction():
                 row = self._conn.execute(
-                    "SELECT seq, body FROM messages WHERE sender=? AND msg_id=?",
+                    "SELECT seq, body, recipient FROM messages WHERE sender=? AND msg_id=?",
                     (message.sender, bytes(message.msg_id)),
                 ).fetchone()
                 if row is not None:
-                    if row[1] != body:
+                    if row[1] != body or row[2] != message.recipient:
                         raise Conflict("message id already used for another message")
                     return EnqueueResult(Seq(row[0]), newly_stored=False)
                 cur = self._conn.execute(
