@@ -1,8 +1,9 @@
-"""Command line: ``python -m device_sim demo``."""
+"""Command line: ``python -m device_sim demo`` and ``python -m device_sim run``."""
 
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 
 from . import demo
@@ -14,9 +15,25 @@ def main(argv: list[str] | None = None) -> int:
     demo_cmd = sub.add_parser("demo", help="start a gateway on udp/5683 and run two chatting devices")
     demo_cmd.add_argument("--port", type=int, default=5683)
     demo_cmd.add_argument("--store", default="var/demo.db")
+    run_cmd = sub.add_parser(
+        "run",
+        help="a fleet of simulated devices over emulated links (JSON result, PNG plot; last stdout line: JSON)",
+    )
+    from .fleet import add_run_arguments, run_cli
+
+    add_run_arguments(run_cmd)
+    run_cmd.add_argument("-v", "--verbose", action="store_true", help="log aiocoap and gateway warnings")
     args = parser.parse_args(argv)
     if args.command == "demo":
         return demo.main(args.port, args.store)
+    if args.command == "run":
+        logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+        if not args.verbose:
+            # Retransmissions, give-ups and unmatched responses are what this run is
+            # about: counted in the result, not logged line by line.
+            logging.getLogger("coap").setLevel(logging.ERROR)
+            logging.getLogger("aiocoap").setLevel(logging.ERROR)
+        return run_cli(args)
     return 2
 
 

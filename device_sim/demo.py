@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -35,30 +36,33 @@ def describe(doc: PresenceDocument) -> str:
 
 
 @contextlib.asynccontextmanager
-async def gateway_process(port: int, store: Path) -> AsyncIterator[None]:
+async def gateway_process(port: int, store: Path) -> AsyncIterator[dict[UserId, Path]]:
+    """Register and provision the demo's users with the CLI, then serve; yields each
+    user's OSCORE credentials file."""
     store.parent.mkdir(parents=True, exist_ok=True)
     for suffix in ("", "-wal", "-shm"):
         Path(f"{store}{suffix}").unlink(missing_ok=True)
+    keys, devices = Path(f"{store}.keys"), Path(f"{store}.devices")
+    shutil.rmtree(keys, ignore_errors=True)
+    shutil.rmtree(devices, ignore_errors=True)
     url = f"sqlite:{store}"
-    subprocess.run([sys.executable, "-m", "gateway", "user", "add", "--store", url, ALICE, BOB, CAROL], check=True)
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "gateway",
-        "serve",
-        "--bind",
-        f"127.0.0.1:{port}",
-        "--store",
-        url,
-        stdout=asyncio.subprocess.PIPE,
-    )
+    gateway_cli = [sys.executable, "-m", "gateway"]
+    subprocess.run([*gateway_cli, "user", "add", "--store", url, ALICE, BOB, CAROL], check=True)
+    credentials = {}
+    for user in (ALICE, BOB, CAROL):
+        provision = [*gateway_cli, "provision", user, "--store", url, "--keys", str(keys), "--out", str(devices)]
+        subprocess.run([*provision, "--gateway", f"coap://127.0.0.1:{port}"], check=True, stdout=subprocess.DEVNULL)
+        [credentials[user]] = devices.glob(f"{user}-*.json")
+    say("gw", f"provisioned an OSCORE context for each of {len(credentials)} devices")
+    serve = [*gateway_cli, "serve", "--bind", f"127.0.0.1:{port}", "--store", url, "--keys", str(keys)]
+    proc = await asyncio.create_subprocess_exec(*serve, stdout=asyncio.subprocess.PIPE)
     assert proc.stdout is not None
     try:
         line = await asyncio.wait_for(proc.stdout.readline(), 20)
         if not line:
             raise SystemExit(f"gateway did not start (is udp/{port} in use?)")
         say("gw", line.decode().strip())
-        yield
+        yield credentials
     finally:
         if proc.returncode is None:
             proc.send_signal(signal.SIGTERM)
@@ -85,9 +89,9 @@ async def read_inbox(device: DeviceClient, got: asyncio.Queue[str]) -> None:
 
 async def run_demo(port: int, store: Path) -> None:
     base = f"coap://127.0.0.1:{port}"
-    async with gateway_process(port, store):
-        alice = await DeviceClient.create(base, ALICE, timeout=10)
-        bob = await DeviceClient.create(base, BOB, timeout=10)
+    async with gateway_process(port, store) as credentials:
+        alice = await DeviceClient.create(base, ALICE, timeout=10, credentials=credentials[ALICE])
+        bob = await DeviceClient.create(base, BOB, timeout=10, credentials=credentials[BOB])
         tasks: list[asyncio.Task[None]] = []
         try:
             await alice.publish(
@@ -129,7 +133,7 @@ async def run_demo(port: int, store: Path) -> None:
 
             seq = await alice.send(CAROL, "Carol, call me when you land")
             say("alice", f"sent to carol (away): stored as #{seq}")
-            carol = await DeviceClient.create(base, CAROL, timeout=10)
+            carol = await DeviceClient.create(base, CAROL, timeout=10, credentials=credentials[CAROL])
             try:
                 batch = await carol.fetch_inbox()
                 for queued in batch.messages:

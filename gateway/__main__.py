@@ -7,19 +7,31 @@ import asyncio
 import contextlib
 import logging
 import signal
+import subprocess
 import sys
+from pathlib import Path
 
 from .app import Gateway, parse_bind
 from .core.errors import GatewayError
-from .core.ids import domain_of, parse_user_id
+from .core.ids import UserId, domain_of, parse_user_id
 from .core.model import UserRecord
+from .keys import KeyStore
 from .store import open_store
 
 DEFAULT_STORE = "sqlite:var/gateway.db"
+DEFAULT_KEYS = "var/keys"
 
 
 async def _serve(args: argparse.Namespace) -> None:
-    gateway = await Gateway.start(bind=parse_bind(args.bind), store=args.store, domains=args.domain)
+    keys = None if args.no_oscore else Path(args.keys)
+    gateway = await Gateway.start(
+        bind=parse_bind(args.bind),
+        store=args.store,
+        domains=args.domain,
+        keys=keys,
+        admins=args.admin or (),
+        bus=args.bus,
+    )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -27,6 +39,14 @@ async def _serve(args: argparse.Namespace) -> None:
     print(f"gateway ready on udp port {gateway.port}, domains {', '.join(args.domain)}", flush=True)
     await stop.wait()
     await gateway.close()
+
+
+async def _is_registered(store_url: str, user: UserId) -> bool:
+    store = await open_store(store_url)
+    try:
+        return await store.get_user(user) is not None
+    finally:
+        await store.close()
 
 
 async def _user(args: argparse.Namespace) -> int:
@@ -41,7 +61,13 @@ async def _user(args: argparse.Namespace) -> int:
                 print(f"{'added' if created else 'updated'} {user} ({domain_of(user)})")
         elif args.action == "remove":
             for user in [parse_user_id(text) for text in args.ids]:
-                print(f"{'removed' if await store.remove_user(user) else 'no such user'} {user}")
+                removed = await store.remove_user(user)
+                # A removed user's devices must not keep an identity the gateway accepts.
+                revoked = KeyStore(Path(args.keys)).revoke(user)
+                print(
+                    f"{'removed' if removed else 'no such user'} {user}"
+                    + (f", revoked {len(revoked)} key(s)" if revoked else "")
+                )
         else:
             for record in await store.list_users():
                 kinds = [k for k, on in (("presence", record.has_presentity), ("inbox", record.has_inbox)) if on]
@@ -49,6 +75,26 @@ async def _user(args: argparse.Namespace) -> int:
     finally:
         await store.close()
     return 0
+
+
+def _supervise_workers(argv: list[str], workers: int) -> int:
+    """Run ``workers`` copies of this serve command (each bound to the same port with
+    SO_REUSEPORT, which aiocoap sets) and stop them together."""
+    child_argv = [a for a in argv if not a.startswith("--workers")]
+    if "--workers" in argv:
+        index = argv.index("--workers")
+        child_argv = argv[:index] + argv[index + 2 :]
+    children = [subprocess.Popen([sys.executable, "-m", "gateway", *child_argv]) for _ in range(workers)]
+
+    def forward(signum: int, _frame: object) -> None:
+        for child in children:
+            if child.poll() is None:
+                child.send_signal(signum)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    codes = [child.wait() for child in children]
+    return max(codes, default=0)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -62,6 +108,30 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument(
         "--domain", action="append", default=None, help="domain served (repeatable), default example.org"
     )
+    serve.add_argument("--keys", default=DEFAULT_KEYS, help=f"OSCORE key store directory, default {DEFAULT_KEYS}")
+    serve.add_argument("--no-oscore", action="store_true", help="serve unprotected only: every request is anonymous")
+    serve.add_argument("--admin", action="append", metavar="USER@DOMAIN", help="an administrator (repeatable)")
+    serve.add_argument(
+        "--bus", default=None, help="change events shared with other gateway processes: redis://host:port/db"
+    )
+    serve.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="processes sharing the UDP port (SO_REUSEPORT keeps a device with one); needs --bus",
+    )
+
+    provision = sub.add_parser("provision", help="create an OSCORE security context for a device of a user")
+    provision.add_argument("user", metavar="USER@DOMAIN")
+    provision.add_argument("--keys", default=DEFAULT_KEYS)
+    provision.add_argument("--store", default=DEFAULT_STORE, help="where the user must be registered")
+    provision.add_argument("--out", default="var/devices", help="where to write the device's side, default var/devices")
+    provision.add_argument(
+        "--gateway", default="coap://127.0.0.1:5683", help="the URI devices reach the gateway at (for credentials)"
+    )
+    revoke = sub.add_parser("revoke", help="remove every security context of a user (takes effect at once)")
+    revoke.add_argument("user", metavar="USER@DOMAIN")
+    revoke.add_argument("--keys", default=DEFAULT_KEYS)
 
     user = sub.add_parser("user", help="register, remove or list users")
     actions = user.add_subparsers(dest="action", required=True)
@@ -70,6 +140,8 @@ def main(argv: list[str] | None = None) -> int:
         action.add_argument("--store", default=DEFAULT_STORE)
         if name != "list":
             action.add_argument("ids", nargs="+", metavar="USER@DOMAIN")
+        if name == "remove":
+            action.add_argument("--keys", default=DEFAULT_KEYS, help="OSCORE key store: the user's keys are revoked")
         if name == "add":
             action.add_argument("--no-presence", action="store_true", help="an inbox without a presentity")
             action.add_argument("--no-inbox", action="store_true", help="a presentity without an inbox")
@@ -81,8 +153,27 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "serve":
             args.domain = args.domain or ["example.org"]
+            if args.workers > 1:
+                if not args.bus:
+                    print("error: --workers needs --bus redis://... to share change events", file=sys.stderr)
+                    return 2
+                return _supervise_workers(argv if argv is not None else sys.argv[1:], args.workers)
             with contextlib.suppress(KeyboardInterrupt):
                 asyncio.run(_serve(args))
+            return 0
+        if args.command == "provision":
+            principal = parse_user_id(args.user)
+            if not asyncio.run(_is_registered(args.store, principal)):
+                print(f"error: {principal} is not a registered user (python -m gateway user add)", file=sys.stderr)
+                return 2
+            device = KeyStore(Path(args.keys)).provision(principal, Path(args.out), args.gateway)
+            print(f"provisioned {device.user}: key id {device.kid.hex()}")
+            print(f"device context: {device.context_dir}")
+            print(f"credentials:    {device.credentials_file}  (aiocoap-client --credentials)")
+            return 0
+        if args.command == "revoke":
+            kids = KeyStore(Path(args.keys)).revoke(parse_user_id(args.user))
+            print(f"revoked {len(kids)} context(s) of {args.user}: {' '.join(k.hex() for k in kids) or '-'}")
             return 0
         return asyncio.run(_user(args))
     except GatewayError as exc:

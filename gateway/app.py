@@ -7,13 +7,18 @@ import logging
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import aiocoap
+from aiocoap.oscore_sitewrapper import OscoreSiteWrapper
 
-from .coap.resources import CoapListener, InboxResource, OutboxResource, PresenceResource
-from .coap.site import GatewaySite, WellKnownCore
-from .core.ids import Domain, UserId
+from .bus import EventBus, SharedListener, open_bus
+from .coap.resources import CoapListener, InboxResource, PresenceResource, Resources
+from .coap.site import DeregistrationWatch, GatewaySite, WellKnownCore
+from .core.ids import Domain, UserId, parse_user_id
+from .dictionaries import load_registry
+from .keys import KeyStore, KidIndexedCredentials
 from .service import GatewayService
 from .store import Store, open_store
 
@@ -84,9 +89,10 @@ class Gateway:
     service: GatewayService
     context: aiocoap.Context
     store: Store
-    presence: PresenceResource
-    inbox: InboxResource
-    outbox: OutboxResource
+    resources: Resources
+    credentials: KidIndexedCredentials | None
+    deregistrations: DeregistrationWatch
+    bus: EventBus
     counters: Counters
     sweep_interval: float
     link_loss_grace: float = 0.5
@@ -100,31 +106,60 @@ class Gateway:
         bind: tuple[str, int] = ("::", DEFAULT_PORT),
         store: str | Store = "sqlite:gateway.db",
         domains: Iterable[str] = ("example.org",),
+        keys: KeyStore | Path | None = None,
+        admins: Iterable[str] = (),
         clock: Callable[[], float] = time.time,
         sweep_interval: float = 1.0,
+        bus: str | None = None,
     ) -> Gateway:
+        """Start serving. With ``keys`` (the OSCORE key store) requests protected by a
+        provisioned context carry that principal's identity; unprotected ones are
+        anonymous. Without it every request is anonymous (and may do little)."""
         the_store = await open_store(store) if isinstance(store, str) else store
-        service = GatewayService(the_store, [Domain(d.lower()) for d in domains], clock)
-        presence_res = PresenceResource(service)
-        inbox_res = InboxResource(service)
-        outbox_res = OutboxResource(service)
-        service.listener = CoapListener(presence_res, inbox_res, outbox_res)
+        service = GatewayService(
+            the_store,
+            [Domain(d.lower()) for d in domains],
+            clock,
+            admins=[parse_user_id(a) for a in admins],
+        )
+        resources = Resources(service)
+        resources.use_dictionaries(load_registry())
+        event_bus = open_bus(bus)
+        shared = SharedListener(CoapListener(resources), event_bus)
+        service.listener = shared
+        await event_bus.start(shared.deliver)
 
         site = GatewaySite()
         site.add_resource([".well-known", "core"], WellKnownCore(site.get_resources_as_linkheader))
-        site.add_resource(["p"], presence_res)
-        site.add_resource(["i"], inbox_res)
-        site.add_resource(["o"], outbox_res)
+        for prefix, res in resources.by_path().items():
+            site.add_resource([prefix], res)
+
+        credentials = None
+        protected: Any = site
+        if keys is not None:
+            credentials = KidIndexedCredentials(keys if isinstance(keys, KeyStore) else KeyStore(keys))
+            protected = OscoreSiteWrapper(site, credentials)
+        root = DeregistrationWatch(protected)
 
         counters = Counters()
         containment = _BadUtf8Containment(asyncio.get_running_loop(), counters)
-        context = await aiocoap.Context.create_server_context(site, bind=bind, transports=["udp6"])
-        gateway = cls(service, context, the_store, presence_res, inbox_res, outbox_res, counters, sweep_interval)
+        context = await aiocoap.Context.create_server_context(
+            root, bind=bind, transports=["udp6"], server_credentials=credentials
+        )
+        gateway = cls(service, context, the_store, resources, credentials, root, event_bus, counters, sweep_interval)
         gateway._containment = containment
-        inbox_res.on_last_observer_gone = gateway._inbox_watch_lost
+        resources.inbox.on_owner_gone = gateway._inbox_watch_lost
         gateway._tasks.append(asyncio.create_task(gateway._sweeper()))
         log.info("gateway serving %s on udp %s:%d", ", ".join(service.domains), bind[0], gateway.port)
         return gateway
+
+    @property
+    def presence(self) -> PresenceResource:
+        return self.resources.presence
+
+    @property
+    def inbox(self) -> InboxResource:
+        return self.resources.inbox
 
     @property
     def port(self) -> int:
@@ -135,16 +170,19 @@ class Gateway:
                 return int(local_port())
         raise RuntimeError("no UDP transport bound")
 
-    async def _inbox_watch_lost(self, user: UserId) -> None:
-        """A device's last inbox observation ended: its notifications failed (RST,
-        ICMP error or retransmission give-up), so it is out of contact until it
-        publishes again. A deregistration (GET with Observe=1) or a presence DELETE
-        is a graceful goodbye and does not count."""
+    async def _inbox_watch_lost(self, user: UserId, peer: str | None) -> None:
+        """The last inbox observation by a principal's own device ended: notifications
+        failed (RST, ICMP error or retransmission give-up), so it is out of contact until
+        it publishes again. Not so when the device deregistered (RFC 7641 3.6), or
+        observes again (with a new token) or speaks within the grace period."""
+        ended = asyncio.get_running_loop().time()
         await asyncio.sleep(self.link_loss_grace)
-        if self.inbox.observers.get(user):
-            return  # it came back (e.g. re-registered with a new token)
-        left_on_purpose = self.inbox.deregistered.pop(user, None)
-        if left_on_purpose is not None and self.service.now() - left_on_purpose <= self.link_loss_grace + 1:
+        if peer is not None and self.deregistrations.deregistered_since(peer, ended - 1.0):
+            return
+        if self.inbox.owner_is_observing(user):
+            return
+        heard = self.resources.last_heard.get(user)
+        if heard is not None and heard > ended:
             return
         try:
             if await self.service.mark_out_of_contact(user, only_if_expired=False):
@@ -156,17 +194,24 @@ class Gateway:
         while True:
             try:
                 await self.service.sweep()
+                if self.credentials is not None:
+                    for user in self.credentials.revoked_owners():
+                        ended = self.resources.end_observations_of(user, "credentials revoked")
+                        log.info("credentials of %s revoked: ended %d observations", user, ended)
             except Exception:
                 log.exception("sweep failed; retrying")
             await asyncio.sleep(self.sweep_interval)
 
     async def close(self) -> None:
-        for res in (self.presence, self.inbox, self.outbox):
+        for res in self.resources.all():
             res.closing = True
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.context.shutdown()
+        await self.bus.close()
+        if self.credentials is not None:
+            self.credentials.close()
         await self.store.close()
         if self._containment is not None:
             self._containment.remove()

@@ -25,7 +25,7 @@ from typing import Any
 from aiocoap.credentials import CredentialsMap
 from aiocoap.oscore import COSE_KID, COSE_KID_CONTEXT, FilesystemSecurityContext
 
-from .core.ids import UserId
+from .core.ids import UserId, parse_user_id
 
 GATEWAY_SENDER_ID = b""  # the gateway's own ID: empty, so responses carry no kid byte
 MASTER_SECRET_BYTES = 16
@@ -89,14 +89,24 @@ class KeyStore:
         return out
 
     def _free_kid(self) -> bytes:
-        used = {bytes.fromhex(p.name) for p in self.root.iterdir() if _is_hex(p.name)}
-        number = 0
-        while _kid_bytes(number) in used:
+        """The next key id never handed out before: a revoked id is never reused, so a
+        gateway that still holds the revoked context cannot mistake a new device for it."""
+        counter = self.root / "next-kid"
+        try:
+            number = int(counter.read_text())
+        except (FileNotFoundError, ValueError):
+            used = [int.from_bytes(bytes.fromhex(p.name), "big") for p in self.root.iterdir() if _is_hex(p.name)]
+            number = max(used, default=-1) + 1
+        while self.context_dir(_kid_bytes(number)).exists():
             number += 1
+        temporary = counter.with_name("next-kid.tmp")
+        temporary.write_text(str(number + 1))
+        os.replace(temporary, counter)
         return _kid_bytes(number)
 
     def provision(self, user: UserId, device_dir: Path, gateway_uri: str) -> DeviceCredentials:
         """Create a new context for a device of ``user``; write the device's side to ``device_dir``."""
+        user = parse_user_id(user)  # a context must never authenticate a malformed identity
         kid = self._free_kid()
         secret = secrets.token_bytes(MASTER_SECRET_BYTES)
         salt = secrets.token_bytes(MASTER_SALT_BYTES)
@@ -149,6 +159,7 @@ class KidIndexedCredentials(CredentialsMap):  # type: ignore[misc]
         super().__init__()
         self.keystore = keystore
         self._by_kid: dict[bytes, FilesystemSecurityContext] = {}
+        self._retired_owners: set[UserId] = set()  # revoked since the last revoked_owners()
 
     def find_oscore(self, unprotected: dict[int, Any]) -> FilesystemSecurityContext:
         kid = unprotected.get(COSE_KID)
@@ -158,7 +169,7 @@ class KidIndexedCredentials(CredentialsMap):  # type: ignore[misc]
         context = self._by_kid.get(kid)
         if not (directory / "owner.json").exists():
             if context is not None:
-                self._forget(kid)
+                self._retire(kid)
             raise KeyError("no such context")
         if context is None:
             owner = self.keystore.owner_of(kid)
@@ -168,6 +179,22 @@ class KidIndexedCredentials(CredentialsMap):  # type: ignore[misc]
             context.authenticated_claims = [owner]
             self._by_kid[kid] = context
         return context
+
+    def revoked_owners(self) -> set[UserId]:
+        """Forget cached contexts whose directory is gone; return whom they authenticated."""
+        for kid in list(self._by_kid):
+            if not (self.keystore.context_dir(kid) / "owner.json").exists():
+                self._retire(kid)
+        owners, self._retired_owners = self._retired_owners, set()
+        return owners
+
+    def _retire(self, kid: bytes) -> None:
+        context = self._by_kid[kid]
+        self._retired_owners.update(UserId(c) for c in context.authenticated_claims)
+        # Its directory is gone, yet a last notification ("credentials revoked") may
+        # still be protected with it: never try to persist again.
+        context.sequence_number_persisted = context.sender_sequence_number + 2**20
+        self._forget(kid)
 
     def _forget(self, kid: bytes) -> None:
         context = self._by_kid.pop(kid)
@@ -180,6 +207,7 @@ class KidIndexedCredentials(CredentialsMap):  # type: ignore[misc]
 
     def close(self) -> None:
         """Persist sequence numbers and release locks (as aiocoap does on collection)."""
+        self.revoked_owners()  # nothing to persist for those
         for kid in list(self._by_kid):
             context = self._by_kid.pop(kid)
             if context.lockfile is not None:

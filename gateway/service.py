@@ -10,10 +10,13 @@ import asyncio
 import logging
 from collections import defaultdict
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Protocol
 
-from .core import codec, inbox, presence
-from .core.errors import Forbidden, NotFound, PreconditionFailed
+from . import e2e
+from .core import access, codec, inbox, presence
+from .core.access import AccessRules, ReadKind, Verdict
+from .core.errors import CodecError, Forbidden, NotFound, PayloadTooLarge, PreconditionFailed, Unauthorized
 from .core.ids import Domain, UserId, domain_of
 from .core.model import (
     DeliveryRecord,
@@ -31,12 +34,28 @@ log = logging.getLogger(__name__)
 
 FETCH_LIMIT = 64
 RECORDS_LIMIT = 32
+MAX_KEY_BUNDLE = 512
+
+
+# Who asks: the principal its OSCORE context authenticates, or None (anonymous).
+Requester = UserId | None
+
+
+@dataclass(frozen=True, slots=True)
+class PresenceView:
+    """The document as one requester may see it, and why."""
+
+    document: PresenceDocument
+    verdict: Verdict
+    filtered: bool = False  # not the whole document: its ETag must differ from the full one's
 
 
 class ChangeListener(Protocol):
     """Told after a change is durable; the CoAP layer turns these into notifications."""
 
     def presence_changed(self, user: UserId) -> None: ...
+
+    def rules_changed(self, user: UserId) -> None: ...
 
     def inbox_changed(self, user: UserId) -> None: ...
 
@@ -45,6 +64,9 @@ class ChangeListener(Protocol):
 
 class NullListener:
     def presence_changed(self, user: UserId) -> None:
+        pass
+
+    def rules_changed(self, user: UserId) -> None:
         pass
 
     def inbox_changed(self, user: UserId) -> None:
@@ -61,9 +83,11 @@ class GatewayService:
         domains: Iterable[Domain],
         clock: Callable[[], float],
         listener: ChangeListener | None = None,
+        admins: Iterable[UserId] = (),
     ) -> None:
         self.store = store
         self.domains = frozenset(domains)
+        self.admins = frozenset(admins)
         self.clock = clock
         self.listener: ChangeListener = listener or NullListener()
         # Publishes, expiries and link-loss marks of one presentity are read-modify-write.
@@ -99,16 +123,112 @@ class GatewayService:
             raise NotFound("no inbox")
         return record
 
+    # -- access rules --------------------------------------------------------------
+
+    def is_admin(self, requester: Requester) -> bool:
+        return requester is not None and requester in self.admins
+
+    async def rules_of(self, user: UserId) -> AccessRules:
+        return await self.store.get_rules(user) or access.DEFAULT_RULES
+
+    def _require_principal(self, requester: Requester, what: str) -> UserId:
+        if requester is None:
+            raise Unauthorized(f"authenticate (OSCORE) to {what}")
+        return requester
+
+    def _require_owner(self, user: UserId, requester: Requester, what: str, *, admin_too: bool) -> None:
+        """The principal itself; with ``admin_too``, an administrator as well."""
+        if self._require_principal(requester, what) != user and not (admin_too and self.is_admin(requester)):
+            raise Forbidden(f"only {user} may {what}")
+
+    async def _known(self, user: UserId, requester: Requester, what: str) -> None:
+        """Anonymous requesters learn nothing, not even whether a user exists."""
+        if requester is None:
+            raise Unauthorized(f"authenticate (OSCORE) to {what}")
+        await self._user(user)
+
+    async def authorize_owner(self, user: UserId, requester: Requester, what: str) -> None:
+        """Subscription management: the principal, or an administrator (RFC 2779 §5
+        lets administrators hold more powers than principals; ours are: read rules,
+        list watchers and subscriptions, cancel subscriptions)."""
+        await self._known(user, requester, what)
+        self._require_owner(user, requester, what, admin_too=True)
+
+    async def get_rules(self, user: UserId, requester: Requester) -> AccessRules:
+        await self.authorize_owner(user, requester, "read these rules")
+        return await self.rules_of(user)
+
+    async def put_rules(self, user: UserId, rules: AccessRules, requester: Requester) -> None:
+        """Only the principal: an administrator who could rewrite rules could grant
+        itself the inbox or the presence it must not have."""
+        await self._known(user, requester, "change these rules")
+        self._require_owner(user, requester, "change these rules", admin_too=False)
+        await self.store.put_rules(user, rules)
+        self.listener.rules_changed(user)
+
+    # -- published public keys (end-to-end signing and encryption) ----------------------
+
+    async def get_key_bundle(self, user: UserId) -> bytes:
+        """Public keys are public: anyone may fetch them (the gateway's OSCORE response
+        vouches that they are the ones ``user`` published)."""
+        await self._user(user)
+        bundle = await self.store.get_key_bundle(user)
+        if bundle is None:
+            raise NotFound(f"{user} published no keys")
+        return bundle
+
+    async def put_key_bundle(self, user: UserId, bundle: bytes, requester: Requester) -> None:
+        await self._user(user)
+        if self._require_principal(requester, "publish keys") != user:
+            raise Forbidden(f"only {user} may publish its keys")
+        if len(bundle) > MAX_KEY_BUNDLE:
+            raise PayloadTooLarge(f"key bundle over {MAX_KEY_BUNDLE} bytes")
+        try:
+            e2e.KeyBundle.decode(bundle)  # strict: two public COSE_Keys, nothing else
+        except e2e.BundleError as exc:
+            raise CodecError(f"key bundle: {exc}") from exc
+        await self.store.put_key_bundle(user, bundle)
+
     # -- presence ------------------------------------------------------------------
 
+    async def view_presence(self, user: UserId, requester: Requester, kind: ReadKind) -> PresenceView:
+        """Fetch (or render a notification) under the presentity's rules (2.3.1-2.3.3).
+        The rules apply whether or not the presentity is in contact."""
+        if requester is None and await self.store.get_user(user) is None:
+            raise Unauthorized("authenticate (OSCORE) to see this presence")
+        await self._presentity(user)
+        decision = access.decide_read(await self.rules_of(user), user, requester, kind)
+        if decision.verdict is Verdict.REFUSED:
+            raise Forbidden(f"refused by {user}")
+        if decision.verdict is Verdict.AUTHENTICATE:
+            raise Unauthorized("authenticate (OSCORE) to see this presence")
+        doc = await self.store.get_presence(user) or PresenceDocument()
+        if decision.verdict is Verdict.POLITELY_BLOCKED:
+            return PresenceView(access.polite_view(doc), decision.verdict, filtered=True)
+        return PresenceView(
+            access.apply_view(doc, decision.view), decision.verdict, filtered=decision.view != access.FULL_VIEW
+        )
+
     async def fetch_presence(self, user: UserId) -> PresenceDocument:
+        """The stored document, unfiltered (for the gateway itself, not for requesters)."""
         await self._presentity(user)
         return await self.store.get_presence(user) or PresenceDocument()
 
+    async def _authorize_publish(self, user: UserId, requester: Requester) -> None:
+        self._require_principal(requester, "publish presence")
+        if not access.may_publish(await self.rules_of(user), user, requester):
+            raise Forbidden(f"not allowed to publish for {user}")
+
     async def publish_presence(
-        self, user: UserId, published: PresenceDocument, *, if_match: list[bytes] | None = None
+        self,
+        user: UserId,
+        published: PresenceDocument,
+        requester: Requester,
+        *,
+        if_match: list[bytes] | None = None,
     ) -> PresenceDocument:
         await self._presentity(user)
+        await self._authorize_publish(user, requester)
         async with self._presence_locks[user]:
             previous = await self.store.get_presence(user)
             if if_match is not None and presence.etag(previous or PresenceDocument()) not in if_match:
@@ -118,8 +238,9 @@ class GatewayService:
         self.listener.presence_changed(user)
         return doc
 
-    async def withdraw_presence(self, user: UserId) -> PresenceDocument:
+    async def withdraw_presence(self, user: UserId, requester: Requester) -> PresenceDocument:
         await self._presentity(user)
+        await self._authorize_publish(user, requester)
         async with self._presence_locks[user]:
             doc = presence.withdraw(await self.store.get_presence(user), self.now())
             await self.store.put_presence(user, doc, None)
@@ -145,14 +266,22 @@ class GatewayService:
 
     # -- instant messages ----------------------------------------------------------
 
-    async def send_message(self, recipient: UserId, body: bytes) -> tuple[InstantMessage, EnqueueResult]:
-        """Accept an IM durably. Immediate failures are answered by code: 4.04 unknown
-        recipient (or no inbox), 4.03 refused, 4.13 too large; a later expiry shows in
-        the sender's delivery records."""
-        message = codec.decode_message(body, recipient)
+    async def send_message(
+        self, recipient: UserId, body: bytes, requester: Requester
+    ) -> tuple[InstantMessage, EnqueueResult]:
+        """Accept an IM durably. Immediate failures are answered by code: 4.01 anonymous,
+        4.04 unknown recipient (or no inbox), 4.03 refused by the recipient's rules or a
+        ``from`` that is not the authenticated sender, 4.13 too large; a later expiry
+        shows in the sender's delivery records."""
+        sender = self._require_principal(requester, "send instant messages")
+        if await self.store.get_user(sender) is None:
+            raise Forbidden("unknown sender: not a registered user")
+        message = codec.decode_message(body, recipient, sender)
+        if message.sender != sender:
+            raise Forbidden("from must be the authenticated sender")
         await self._inbox(recipient)
-        if domain_of(message.sender) in self.domains and await self.store.get_user(message.sender) is None:
-            raise Forbidden("unknown sender")
+        if not access.may_send(await self.rules_of(recipient), recipient, sender):
+            raise Forbidden(f"refused by {recipient}")
         received = self.now()
         # Store the canonical encoding, so a resend compares equal whatever its key order.
         canonical = codec.encode_message(message)
@@ -162,25 +291,33 @@ class GatewayService:
             self.listener.records_changed(message.sender)
         return message, result
 
+    async def _authorize_inbox_read(self, user: UserId, requester: Requester) -> None:
+        self._require_principal(requester, "read an inbox")
+        if not access.may_read_inbox(await self.rules_of(user), user, requester):
+            raise Forbidden(f"not allowed to read the inbox of {user}")
+
     async def fetch_inbox(
-        self, user: UserId, after: Seq, budget: int, *, for_notification: bool = False
+        self, user: UserId, requester: Requester, after: Seq, budget: int, *, for_notification: bool = False
     ) -> tuple[list[QueuedMessage], bool]:
         await self._inbox(user)
+        await self._authorize_inbox_read(user, requester)
         queued = await self.store.pending(user, after, FETCH_LIMIT + 1)
         more_in_store = len(queued) > FETCH_LIMIT
         batch, more = inbox.fit_batch(queued[:FETCH_LIMIT], budget, at_least_one=not for_notification)
         return batch, more or more_in_store
 
-    async def acknowledge(self, user: UserId, upto: Seq) -> None:
+    async def acknowledge(self, user: UserId, requester: Requester, upto: Seq) -> None:
         await self._inbox(user)
+        await self._authorize_inbox_read(user, requester)
         senders = await self.store.acknowledge(user, upto, self.now())
         for sender in senders:
             self.listener.records_changed(sender)
         if senders:
             self.listener.inbox_changed(user)
 
-    async def delivery_records(self, sender: UserId) -> list[DeliveryRecord]:
-        await self._user(sender)
+    async def delivery_records(self, sender: UserId, requester: Requester) -> list[DeliveryRecord]:
+        await self._known(sender, requester, "read delivery records")
+        self._require_owner(sender, requester, "read these delivery records", admin_too=False)
         return await self.store.records(sender, RECORDS_LIMIT)
 
     # -- time-driven -----------------------------------------------------------------

@@ -12,12 +12,14 @@ from device_sim.client import DeviceClient
 from gateway.app import Gateway
 from gateway.core.ids import UserId
 from gateway.core.model import UserRecord
+from gateway.keys import KeyStore
 
 ALICE = UserId("alice@example.org")
 BOB = UserId("bob@example.org")
 CAROL = UserId("carol@example.org")
 INBOX_ONLY = UserId("desk@example.org")  # an inbox with no presentity (RFC 2779 2.1.2)
 PRESENCE_ONLY = UserId("sensor@example.org")  # a presentity with no inbox
+ADMIN = UserId("root@example.org")  # configured administrator
 
 
 class ManualClock:
@@ -39,6 +41,9 @@ def clock() -> ManualClock:
 
 
 async def start_gateway(db: Path, clock: Callable[[], float], **kwargs: object) -> Gateway:
+    """A gateway with an OSCORE key store beside its database and root@ as administrator."""
+    kwargs.setdefault("keys", KeyStore(db.parent / "keys"))
+    kwargs.setdefault("admins", [ADMIN])
     gateway = await Gateway.start(
         bind=("127.0.0.1", 0),
         store=f"sqlite:{db}",
@@ -46,7 +51,7 @@ async def start_gateway(db: Path, clock: Callable[[], float], **kwargs: object) 
         clock=clock,
         **kwargs,  # type: ignore[arg-type]
     )
-    for user in (ALICE, BOB, CAROL):
+    for user in (ALICE, BOB, CAROL, ADMIN):
         await gateway.service.register(UserRecord(user))
     await gateway.service.register(UserRecord(INBOX_ONLY, has_presentity=False))
     await gateway.service.register(UserRecord(PRESENCE_ONLY, has_inbox=False))
@@ -60,12 +65,40 @@ async def gateway(tmp_path: Path, clock: ManualClock) -> AsyncIterator[Gateway]:
     await gw.close()
 
 
+def keystore_of(gateway: Gateway) -> KeyStore:
+    assert gateway.credentials is not None
+    return gateway.credentials.keystore
+
+
+async def provisioned_device(gateway: Gateway, user: UserId, devices_dir: Path) -> DeviceClient:
+    """A new device of ``user`` with its own OSCORE context, as `gateway provision` makes it."""
+    uri = f"coap://127.0.0.1:{gateway.port}"
+    creds = keystore_of(gateway).provision(user, devices_dir, uri)
+    return await DeviceClient.create(uri, user, timeout=10, credentials=creds.credentials_file)
+
+
 @pytest.fixture
-async def device(gateway: Gateway) -> AsyncIterator[Callable[[UserId], Awaitable[DeviceClient]]]:
+async def device(gateway: Gateway, tmp_path: Path) -> AsyncIterator[Callable[[UserId], Awaitable[DeviceClient]]]:
+    """device(user): a new OSCORE-protected device of that user."""
     made: list[DeviceClient] = []
 
     async def make(user: UserId) -> DeviceClient:
-        client = await DeviceClient.create(f"coap://127.0.0.1:{gateway.port}", user, timeout=10)
+        client = await provisioned_device(gateway, user, tmp_path / "devices")
+        made.append(client)
+        return client
+
+    yield make
+    for client in made:
+        await client.close()
+
+
+@pytest.fixture
+async def anonymous(gateway: Gateway) -> AsyncIterator[Callable[[], Awaitable[DeviceClient]]]:
+    """anonymous(): a device sending unprotected requests (no identity)."""
+    made: list[DeviceClient] = []
+
+    async def make() -> DeviceClient:
+        client = await DeviceClient.create(f"coap://127.0.0.1:{gateway.port}", UserId("anonymous@invalid"), timeout=10)
         made.append(client)
         return client
 

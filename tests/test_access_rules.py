@@ -47,12 +47,11 @@ def test_fetch_and_subscribe_are_controlled_separately() -> None:
     assert access.decide_read(rules, OWNER, C, ReadKind.FETCH).verdict is Verdict.REFUSED
 
 
-def test_refusal_beats_block_beats_grant_and_owner_and_admin_always_see() -> None:
+def test_refusal_beats_block_beats_grant_and_owner_always_sees() -> None:
     rules = AccessRules(refused=("a@x.org",), blocked=("*",))
     assert access.decide_read(rules, OWNER, A, ReadKind.SUBSCRIBE).verdict is Verdict.REFUSED
     assert access.decide_read(rules, OWNER, C, ReadKind.SUBSCRIBE).verdict is Verdict.POLITELY_BLOCKED
     assert access.decide_read(rules, OWNER, OWNER, ReadKind.FETCH) == access.ReadDecision(Verdict.GRANTED)
-    assert access.decide_read(rules, OWNER, A, ReadKind.FETCH, is_admin=True).verdict is Verdict.GRANTED
 
 
 def test_most_specific_view_wins_and_filters_fields() -> None:

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import socket
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 import aiocoap
 import cbor2
@@ -14,9 +14,11 @@ from aiocoap import Code, Message
 from device_sim.client import DeviceClient, RequestFailed
 from gateway.app import Gateway
 from gateway.core import codec
+from gateway.core.access import AccessRules
 from gateway.core.model import Contact, PresenceDocument, Status
 
-from .conftest import ALICE, BOB, INBOX_ONLY, PRESENCE_ONLY, ManualClock, eventually
+from .conftest import ALICE, BOB, INBOX_ONLY, PRESENCE_ONLY, ManualClock, eventually, keystore_of
+from .rawcoap import RawDevice
 
 MakeDevice = Callable[..., Awaitable[DeviceClient]]
 
@@ -86,31 +88,24 @@ async def _true(value: bool) -> bool:
 
 
 async def test_deregistration_cancels_subscription(gateway: Gateway, device: MakeDevice) -> None:
-    """RFC 7641 3.6: a GET with Observe=1 and the subscription's token ends it. Sent
-    from a raw socket, as a constrained device would (aiocoap's client cancel() sends
-    nothing, #13)."""
+    """RFC 7641 3.6: a GET with Observe=1 and the subscription's token ends it. Sent from
+    a raw socket, as a constrained device would (aiocoap's client cancel() sends
+    nothing, #13); unprotected, so alice first allows anonymous subscribers (5.1.3)."""
     alice = await device(ALICE)
-    loop = asyncio.get_running_loop()
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-        sock.setblocking(False)
-        sock.connect(("127.0.0.1", gateway.port))
-
-        async def exchange(observe: int, mid: int) -> Message:
-            request = Message(
-                code=Code.GET, _mtype=aiocoap.CON, _mid=mid, _token=b"\x07", observe=observe, uri_path=["p", ALICE]
-            )
-            await loop.sock_sendall(sock, request.encode())
-            return Message.decode(await asyncio.wait_for(loop.sock_recv(sock, 2048), 5))
-
-        registered = await exchange(0, 1)
+    await alice.put_rules(AccessRules(subscribers=("*", "anonymous")))
+    raw = RawDevice(gateway.port)
+    try:
+        registered = await raw.exchange(Message(code=Code.GET, observe=0, uri_path=["p", ALICE]), b"\x07")
         assert registered.code == Code.CONTENT and registered.opt.observe == 0
         assert gateway.presence.observation_count() == 1
-        deregistered = await exchange(1, 2)
+        deregistered = await raw.exchange(Message(code=Code.GET, observe=1, uri_path=["p", ALICE]), b"\x07")
         assert deregistered.code == Code.CONTENT and deregistered.opt.observe is None
         await eventually(lambda: _true(gateway.presence.observation_count() == 0))
         await alice.publish(PresenceDocument(Status.OPEN, note="after cancel"))
         with pytest.raises(TimeoutError):
-            await asyncio.wait_for(loop.sock_recv(sock, 2048), 0.5)
+            await raw.receive(b"\x07", timeout=0.5)
+    finally:
+        raw.close()
 
 
 async def test_lease_expiry_turns_presentity_out_of_contact_and_notifies(
@@ -159,7 +154,8 @@ async def test_failed_notifications_mark_device_out_of_contact(gateway: Gateway,
     await eventually(out_of_contact, timeout=10)
     assert gateway.counters.out_of_contact_by_link_loss == 1
     # The message itself waits in the store for the device's return.
-    assert [m.message.payload for m in (await gateway.service.fetch_inbox(ALICE, 0, 4096))[0]] == [b"are you there?"]
+    waiting, _ = await gateway.service.fetch_inbox(ALICE, ALICE, 0, 4096)
+    assert [m.message.payload for m in waiting] == [b"are you there?"]
 
 
 async def test_withdraw_is_graceful_not_out_of_contact(device: MakeDevice) -> None:
@@ -262,21 +258,20 @@ async def test_unknown_critical_option_is_4_02(gateway: Gateway) -> None:
     assert response.code == Code.BAD_OPTION and b"65001" in response.payload
 
 
-async def test_inbox_deregistration_is_a_graceful_goodbye(gateway: Gateway, device: MakeDevice) -> None:
+async def test_inbox_deregistration_is_a_graceful_goodbye(gateway: Gateway, device: MakeDevice, tmp_path: Path) -> None:
     """RFC 7641 3.6 deregistration ends the inbox observation without marking the
-    device out of contact (only failed notifications do)."""
+    device out of contact (only failed notifications do). OSCORE from a raw socket."""
     alice = await device(ALICE)
     await alice.publish(PresenceDocument(Status.OPEN, lease=3600))
-    loop = asyncio.get_running_loop()
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-        sock.setblocking(False)
-        sock.connect(("127.0.0.1", gateway.port))
-        for mid, observe in ((1, 0), (2, 1)):
-            request = Message(code=Code.GET, _mtype=aiocoap.CON, _mid=mid, _token=b"\x09", observe=observe,
-                              uri_path=["i", ALICE])
-            await loop.sock_sendall(sock, request.encode())
-            assert Message.decode(await asyncio.wait_for(loop.sock_recv(sock, 2048), 5)).code == Code.CONTENT
+    creds = keystore_of(gateway).provision(ALICE, tmp_path / "raw", "coap://unused")
+    raw = RawDevice(gateway.port, creds.context_dir)
+    try:
+        for observe in (0, 1):
+            response = await raw.exchange(Message(code=Code.GET, observe=observe, uri_path=["i", ALICE]), b"\x09")
+            assert response.code == Code.CONTENT
         await eventually(lambda: _true(gateway.inbox.observation_count() == 0))
+    finally:
+        raw.close()
     await asyncio.sleep(gateway.link_loss_grace + 0.3)
     doc = await alice.fetch_presence(ALICE)
     assert doc.status is Status.OPEN and not doc.out_of_contact

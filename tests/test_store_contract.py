@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
+import os
+import secrets
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
+import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from gateway.core import codec
+from gateway.core.access import AccessRules, Field, View
 from gateway.core.errors import Conflict
 from gateway.core.ids import UserId
 from gateway.core.model import (
@@ -21,13 +28,55 @@ from gateway.core.model import (
     UserRecord,
 )
 from gateway.store import Store, open_store
+from gateway.store.redis import RedisStore, parse_url
 
 A, B, C = UserId("a@x.org"), UserId("b@x.org"), UserId("c@x.org")
-BACKENDS = ["sqlite-file", "memory"]
+BACKENDS = ["sqlite-file", "memory", "redis"]
+REDIS_URL = os.environ.get("IMPP_TEST_REDIS", "redis://127.0.0.1:6379/0")
+
+
+@asynccontextmanager
+async def redis_namespace() -> AsyncIterator[str]:
+    """A key prefix of the caller's own on the test Redis; its keys are deleted afterwards.
+
+    Without a reachable Redis the test is skipped on a developer's machine, but fails in CI
+    (CI=true), where .ci/run must have started one."""
+    client = aioredis.Redis.from_url(REDIS_URL)
+    try:
+        await client.ping()
+    except (RedisConnectionError, OSError) as err:
+        await client.aclose()
+        if os.environ.get("CI", "").lower() not in ("", "0", "false"):
+            pytest.fail(f"Redis at {REDIS_URL} is unreachable in CI: {err}")
+        pytest.skip(f"Redis at {REDIS_URL} is unreachable ({err}); start redis-server to test the Redis backend")
+    prefix = f"impp-test-{secrets.token_hex(8)}:"
+    try:
+        yield prefix
+    finally:
+        keys = [key async for key in client.scan_iter(match=prefix + "*", count=1000)]
+        if keys:
+            await client.delete(*keys)
+        await client.aclose()
+
+
+@pytest.fixture
+async def redis_prefix() -> AsyncIterator[str]:
+    async with redis_namespace() as prefix:
+        yield prefix
+
+
+def redis_url(prefix: str) -> str:
+    return f"{REDIS_URL}?prefix={prefix}"
 
 
 @pytest.fixture(params=BACKENDS)
 async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
+    if request.param == "redis":
+        async with redis_namespace() as prefix:
+            the_store = await open_store(redis_url(prefix))
+            yield the_store
+            await the_store.close()
+        return
     url = {"sqlite-file": f"sqlite:{tmp_path}/store.db", "memory": "memory:"}[request.param]
     the_store = await open_store(url)
     yield the_store
@@ -70,6 +119,33 @@ async def test_presence_round_trip_and_leases(store: Store) -> None:
     assert await store.due_leases(10**9) == []
 
 
+async def test_rules_round_trip_and_removal(store: Store) -> None:
+    assert await store.get_rules(A) is None
+    rules = AccessRules(blocked=("c@x.org",), views={"*": View(Field.NOTE, note="busy")}, readers=(B,))
+    await store.put_rules(A, rules)
+    assert await store.get_rules(A) == rules
+    await store.add_user(UserRecord(A))
+    await store.remove_user(A)
+    assert await store.get_rules(A) is None
+
+
+async def test_key_bundles(store: Store) -> None:
+    assert await store.get_key_bundle(A) is None
+    await store.put_key_bundle(A, b"\xa1\x00\x41\x01")
+    await store.put_key_bundle(A, b"\xa1\x00\x41\x02")
+    assert await store.get_key_bundle(A) == b"\xa1\x00\x41\x02"
+    await store.remove_user(A)
+    assert await store.get_key_bundle(A) is None
+
+
+async def test_removing_a_recipient_fails_its_queued_messages(store: Store) -> None:
+    await store.add_user(UserRecord(B))
+    await enqueue(store, message(b"waiting"))
+    await store.remove_user(B)
+    [record] = await store.records(A, 10)
+    assert (record.state, record.reason) == (DeliveryState.FAILED, FailureReason.UNKNOWN_RECIPIENT)
+
+
 async def test_enqueue_is_idempotent_per_sender_and_id(store: Store) -> None:
     msg = message(b"1")
     first = await store.enqueue(msg, codec.encode_message(msg), 100, None)
@@ -81,6 +157,9 @@ async def test_enqueue_is_idempotent_per_sender_and_id(store: Store) -> None:
     changed = message(b"1", text=b"different")
     with pytest.raises(Conflict):
         await store.enqueue(changed, codec.encode_message(changed), 102, None)
+    elsewhere = message(b"1", recipient=C)
+    with pytest.raises(Conflict):
+        await store.enqueue(elsewhere, codec.encode_message(elsewhere), 102, None)
     assert [q.message.payload for q in await store.pending(B, Seq(0), 10)] == [b"hi", b"hi"]
 
 
@@ -135,6 +214,112 @@ async def test_sqlite_reopen_keeps_everything(tmp_path: Path) -> None:
         await second.close()
 
 
+async def test_schema_1_store_is_migrated(tmp_path: Path) -> None:
+    import sqlite3
+
+    from gateway.store import sqlite as sqlite_backend
+
+    path = tmp_path / "old.db"
+    db = sqlite3.connect(path)
+    for statement in sqlite_backend._SCHEMA:
+        db.execute(statement)
+    db.execute("INSERT INTO meta VALUES ('schema_version', '1')")
+    db.execute("INSERT INTO users VALUES ('a@x.org', 1, 1)")
+    db.commit()
+    db.close()
+    store = await open_store(f"sqlite:{path}")
+    try:
+        assert await store.get_user(A) == UserRecord(A)
+        await store.put_rules(A, AccessRules())
+        assert await store.get_rules(A) == AccessRules()
+    finally:
+        await store.close()
+    version = sqlite3.connect(path).execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0]
+    assert int(version) == sqlite_backend.SCHEMA_VERSION
+
+
 async def test_unknown_store_url_is_refused() -> None:
     with pytest.raises(ValueError, match="known schemes"):
         await open_store("mongodb://nowhere")
+
+
+# -- Redis: several gateway processes sharing one store -----------------------------------
+
+
+@pytest.fixture
+async def two_redis_stores(redis_prefix: str) -> AsyncIterator[tuple[RedisStore, RedisStore]]:
+    """Two stores on one prefix, each with its own connection pool: two gateway processes.
+    A batch of 1 makes acknowledge and expiry interleave message by message."""
+    first = await RedisStore.open(redis_url(redis_prefix), batch=1)
+    second = await RedisStore.open(redis_url(redis_prefix), batch=1)
+    yield first, second
+    await first.close()
+    await second.close()
+
+
+async def test_redis_racing_enqueues_store_a_message_once(two_redis_stores: tuple[RedisStore, RedisStore]) -> None:
+    msg = message(b"raced")
+    body = codec.encode_message(msg)
+    results = await asyncio.gather(*(two_redis_stores[i % 2].enqueue(msg, body, 100 + i, None) for i in range(50)))
+    assert sum(r.newly_stored for r in results) == 1
+    assert len({r.seq for r in results}) == 1
+    for the_store in two_redis_stores:
+        assert [q.message.msg_id for q in await the_store.pending(B, Seq(0), 100)] == [b"raced"]
+        assert len(await the_store.records(A, 100)) == 1
+
+
+async def test_redis_acknowledge_and_expiry_never_both_win(two_redis_stores: tuple[RedisStore, RedisStore]) -> None:
+    first, second = two_redis_stores
+    # One sender per message, so each call's answer names exactly the messages it won.
+    senders = [UserId(f"s{i}@x.org") for i in range(50)]
+    seqs = [await enqueue(first, message(b"m", sender=s, ttl=10), received=100) for s in senders]
+    acknowledged, expired = await asyncio.gather(first.acknowledge(B, max(seqs), 200), second.expire_messages(200))
+    expired_senders = [s for s, recipient in expired if recipient == B]
+    assert len(expired_senders) == len(expired)
+    assert acknowledged and expired_senders  # with batches of 1 the two really interleaved
+    assert not set(acknowledged) & set(expired_senders)
+    assert sorted(acknowledged + expired_senders) == sorted(senders)
+    for sender in senders:
+        [record] = await second.records(sender, 10)
+        if sender in acknowledged:
+            assert (record.state, record.reason) == (DeliveryState.DELIVERED, FailureReason.NONE)
+        else:
+            assert (record.state, record.reason) == (DeliveryState.FAILED, FailureReason.EXPIRED)
+        assert record.updated == 200
+    assert await first.pending(B, Seq(0), 100) == []
+    assert await first.acknowledge(B, max(seqs), 300) == []
+    assert await second.expire_messages(300) == []
+
+
+async def test_redis_batches_cover_everything(redis_prefix: str) -> None:
+    the_store = await RedisStore.open(redis_url(redis_prefix), batch=3)
+    try:
+        for i in range(7):
+            await enqueue(the_store, message(bytes([i]), sender=UserId(f"s{i}@x.org"), ttl=10 if i % 2 else None))
+        expired = await the_store.expire_messages(110)
+        assert sorted(s for s, _ in expired) == [f"s{i}@x.org" for i in (1, 3, 5)]
+        acknowledged = await the_store.acknowledge(B, Seq(10**12), 120)
+        assert sorted(acknowledged) == [f"s{i}@x.org" for i in (0, 2, 4, 6)]
+    finally:
+        await the_store.close()
+
+
+async def test_redis_prefixes_keep_stores_apart(redis_prefix: str) -> None:
+    one = await open_store(redis_url(redis_prefix + "one:"))
+    other = await open_store(redis_url(redis_prefix + "other:"))
+    try:
+        await one.add_user(UserRecord(A))
+        await enqueue(one, message(b"here"))
+        assert await other.list_users() == []
+        assert await other.pending(B, Seq(0), 10) == []
+        assert (await enqueue(other, message(b"here", text=b"other text"))) == Seq(1)
+    finally:
+        await one.close()
+        await other.close()
+
+
+def test_redis_url_parsing() -> None:
+    assert parse_url("redis://h:1/2?prefix=gw:&socket_timeout=5") == ("redis://h:1/2?socket_timeout=5", "gw:")
+    assert parse_url("rediss://h") == ("rediss://h", "impp:")
+    with pytest.raises(ValueError):
+        parse_url("redis://h?prefix=")

@@ -1,11 +1,15 @@
-"""CoAP resources: /p/{user} presence, /i/{user} instant inbox, /o/{user} delivery records.
+"""CoAP resources, one PathCapable resource per collection, serving every user below it:
 
-Each is one PathCapable resource serving every user below its prefix, so there is
-no per-user registration in aiocoap's Site. Observations are kept per user; a
-change triggers them with no argument, so aiocoap renders each observer's
-notification from that observer's own request (never one shared Message: see
-aiocoap-notes). The inbox notification carries the queued messages that fit one
-datagram, and "more" when the device should fetch with its cursor.
+/p/{user} presence, /i/{user} instant inbox, /o/{user} delivery records,
+/r/{user} access rules, /w/{user} watchers, /s/{user} subscriptions, /k/{user} keys.
+
+The requester is the principal its OSCORE context authenticates (None when the
+request is unprotected); the service decides what it may do. Observations are kept
+per user; a change triggers them with no argument, so aiocoap renders each
+observer's notification from that observer's own request and identity (per-watcher
+views; never one shared Message: see aiocoap-notes). The inbox notification carries
+the queued messages that fit one datagram, and "more" when the device should fetch
+with its cursor.
 """
 
 from __future__ import annotations
@@ -21,7 +25,8 @@ from aiocoap.numbers.contentformat import ContentFormat
 from aiocoap.numbers.optionnumbers import OptionNumber
 from aiocoap.util.linkformat import Link, LinkFormat
 
-from ..core import codec, inbox, presence
+from ..core import access, codec, compression, inbox, presence
+from ..core.access import ReadKind, Verdict
 from ..core.errors import (
     BadOption,
     BadRequest,
@@ -31,11 +36,11 @@ from ..core.errors import (
     NotFound,
     PayloadTooLarge,
     StoreUnavailable,
-    UnsupportedContentFormat,
 )
 from ..core.ids import UserId, parse_user_id
 from ..core.model import Seq
-from ..service import GatewayService
+from ..core.subscriptions import Subscription, SubscriptionRegistry, SubscriptionState
+from ..service import GatewayService, Requester
 from .errors import error_to_response
 
 log = logging.getLogger(__name__)
@@ -69,19 +74,6 @@ def _check_critical_options(request: Message) -> None:
             raise BadOption(f"unsupported critical option {int(option.number)}")
 
 
-def _check_body_format(request: Message) -> bytes:
-    if request.opt.content_format is not None and request.opt.content_format != CBOR:
-        raise UnsupportedContentFormat("application/cbor (60) expected")
-    if len(request.payload) > codec.MAX_BODY:
-        raise PayloadTooLarge(f"body over {codec.MAX_BODY} bytes")
-    return bytes(request.payload)
-
-
-def _check_accept(request: Message) -> None:
-    if request.opt.accept is not None and request.opt.accept != CBOR:
-        raise NotAcceptable("only application/cbor (60) is served")
-
-
 def _query(request: Message, allowed: set[str]) -> dict[str, str]:
     out: dict[str, str] = {}
     for item in request.opt.uri_query:
@@ -107,8 +99,13 @@ def _cursor(value: str | None) -> Seq:
     return Seq(int(value))
 
 
-def _cbor_response(payload: bytes, code: Code = Code.CONTENT, **options: Any) -> Message:
-    return Message(code=code, payload=payload, content_format=CBOR, **options)
+def requester_of(request: Message) -> Requester:
+    """The authenticated principal (OSCORE), or None for an unprotected request."""
+    claims = request.remote.authenticated_claims if request.remote is not None else ()
+    for claim in claims or ():
+        if isinstance(claim, str):
+            return UserId(claim)
+    return None
 
 
 class PerUserResource(resource.ObservableResource, resource.PathCapable):  # type: ignore[misc]
@@ -117,13 +114,20 @@ class PerUserResource(resource.ObservableResource, resource.PathCapable):  # typ
     rt = ""
     if_ = ""
     title = ""
+    observable = True
 
-    def __init__(self, service: GatewayService) -> None:
+    def __init__(self, service: GatewayService, last_heard: dict[UserId, float] | None = None) -> None:
         super().__init__()
         self.service = service
+        self.dictionaries = compression.DictionaryRegistry()  # set by Resources
+        # principal -> loop time of its latest request, on any resource: a device that
+        # just spoke is in contact, whatever its observations do.
+        self.last_heard: dict[UserId, float] = last_heard if last_heard is not None else {}
         self.observers: defaultdict[UserId, set[Any]] = defaultdict(set)
+        self.observer_of: dict[Any, Requester] = {}
+        # observation -> the peer (host:port) whose request made it
+        self.peer_of: dict[Any, str] = {}
         self._awaiting_first_render: dict[int, Any] = {}
-        self.on_last_observer_gone: Callable[[UserId], Coroutine[Any, Any, None]] | None = None
         self.closing = False
 
     # Routing -------------------------------------------------------------------------
@@ -142,17 +146,21 @@ class PerUserResource(resource.ObservableResource, resource.PathCapable):  # typ
 
     async def render(self, request: Message) -> Message:
         try:
+            requester = requester_of(request)
+            if requester is not None:
+                self.last_heard[requester] = asyncio.get_running_loop().time()
             user = self._user_of(request)
             handler = getattr(self, "do_" + str(request.code).lower(), None)
             if handler is None:
                 raise MethodNotAllowed(f"{request.code} not allowed here")
             _check_critical_options(request)
-            _check_accept(request)
+            self.check_accept(request)
             response: Message = await handler(user, request)
             if response.code is not None and response.code.is_successful():
                 self._establish(request, user)
             return response
         except GatewayError as err:
+            self.refused(request, err)
             return error_to_response(err)
         except error.RenderableError:
             raise
@@ -161,22 +169,43 @@ class PerUserResource(resource.ObservableResource, resource.PathCapable):  # typ
             log.exception("request %s failed", request.opt.uri_path)
             return error_to_response(StoreUnavailable("temporarily unavailable"))
 
+    # Bodies: CBOR, or CBOR compressed with a trained dictionary -------------------------
+
+    def body_of(self, request: Message) -> bytes:
+        """The CBOR body of a request, decompressed if it came compressed."""
+        if len(request.payload) > codec.MAX_BODY:
+            raise PayloadTooLarge(f"body over {codec.MAX_BODY} bytes")
+        return self.dictionaries.decode_body(bytes(request.payload), request.opt.content_format, codec.MAX_BODY)
+
+    def check_accept(self, request: Message) -> None:
+        if not compression.acceptable(request.opt.accept, self.dictionaries):
+            raise NotAcceptable("Accept 60, or a compressed format with a known dictionary")
+
+    def respond(self, request: Message, cbor: bytes, code: Code = Code.CONTENT, **options: Any) -> Message:
+        payload, content_format = self.dictionaries.encode_body(cbor, request.opt.accept)
+        return Message(code=code, payload=payload, content_format=content_format, **options)
+
     # Observation ---------------------------------------------------------------------
 
     async def add_observation(self, request: Message, serverobservation: Any) -> None:
         """Called before the first render; the observation counts only once that render
         succeeded (see ``_establish``): a refused Observe never became a watcher."""
+        if not self.observable:
+            serverobservation.accept(lambda: None)
+            return
         self._awaiting_first_render[id(request)] = serverobservation
 
         def cancelled() -> None:
             self._awaiting_first_render.pop(id(request), None)
+            requester = self.observer_of.pop(serverobservation, None)
+            peer = self.peer_of.pop(serverobservation, None)
             for user, watchers in list(self.observers.items()):
                 if serverobservation in watchers:
                     watchers.discard(serverobservation)
                     if not watchers:
                         del self.observers[user]
-                        if self.on_last_observer_gone is not None and not self.closing:
-                            asyncio.get_running_loop().create_task(self.on_last_observer_gone(user))
+                    if not self.closing:
+                        self.observation_ended(user, requester, serverobservation, peer)
 
         # Always accept: aiocoap 0.4.17 calls the cancellation callback of every
         # observation it asked about, and logs a traceback if none was set.
@@ -186,6 +215,18 @@ class PerUserResource(resource.ObservableResource, resource.PathCapable):  # typ
         serverobservation = self._awaiting_first_render.pop(id(request), None)
         if serverobservation is not None:
             self.observers[user].add(serverobservation)
+            self.observer_of[serverobservation] = requester_of(request)
+            self.peer_of[serverobservation] = request.remote.hostinfo
+            self.observation_started(user, request, serverobservation)
+
+    def observation_started(self, user: UserId, request: Message, serverobservation: Any) -> None:
+        """Hook: an observation of ``user`` was established."""
+
+    def observation_ended(self, user: UserId, requester: Requester, serverobservation: Any, peer: str | None) -> None:
+        """Hook: an established observation of ``user`` ended (any reason)."""
+
+    def refused(self, request: Message, err: GatewayError) -> None:
+        """Hook: a request (or a notification's re-render) was answered with an error."""
 
     def notify(self, user: UserId) -> None:
         for obs in list(self.observers.get(user, ())):
@@ -196,7 +237,14 @@ class PerUserResource(resource.ObservableResource, resource.PathCapable):  # typ
 
     def get_resources_as_linkheader(self) -> LinkFormat:
         # One templated entry per collection: listing users would disclose them.
-        attrs = [("rt", self.rt), ("if", self.if_), ("obs", None), ("ct", str(int(CBOR))), ("title", self.title)]
+        attrs: list[tuple[str, str | None]] = [
+            ("rt", self.rt),
+            ("if", self.if_),
+            ("ct", str(int(CBOR))),
+            ("title", self.title),
+        ]
+        if self.observable:
+            attrs.insert(2, ("obs", None))
         return LinkFormat([Link("/{user}", attrs)])
 
 
@@ -205,62 +253,134 @@ class PresenceResource(PerUserResource):
     if_ = "core.p"
     title = "presence of user@domain: GET (Observe) / PUT / DELETE"
 
+    def __init__(self, service: GatewayService, last_heard: dict[UserId, float] | None = None) -> None:
+        super().__init__(service, last_heard)
+        self.subscriptions = SubscriptionRegistry()
+        # Told when someone's watchers or subscriptions change (drives /w and /s).
+        self.on_watch_change: Callable[[UserId, Requester], None] = lambda presentity, watcher: None
+        self._observation_by_request: dict[int, Any] = {}
+        self._verdict_of_first_render: dict[int, Verdict] = {}
+        self._end_reason: dict[int, SubscriptionState] = {}
+
     async def do_get(self, user: UserId, request: Message) -> Message:
         _query(request, set())
-        doc = await self.service.fetch_presence(user)
-        tag = presence.etag(doc)
+        subscribing = request.opt.observe == 0
+        # A deregistration (Observe 1) is subscription business too.
+        kind = ReadKind.FETCH if request.opt.observe is None else ReadKind.SUBSCRIBE
+        view = await self.service.view_presence(user, requester_of(request), kind)
+        if subscribing:
+            obs = self._observation_by_request.get(id(request))
+            if obs is None:
+                self._verdict_of_first_render[id(request)] = view.verdict
+            else:  # a notification: the rules may have changed since
+                self.subscriptions.update_block(id(obs), view.verdict is Verdict.POLITELY_BLOCKED)
+        doc = view.document
+        body = codec.encode_presence(doc)
+        # A filtered representation gets its own ETag, so a cache or a watcher holding
+        # the full document (or an older view) cannot have it confirmed as current.
+        tag = presence.etag(doc) + (presence.representation_tag(body) if view.filtered else b"")
         max_age = presence.max_age(doc, self.service.now())
         if tag in request.opt.etags and request.opt.observe is None:
             return Message(code=Code.VALID, etag=tag, max_age=max_age)
-        return _cbor_response(codec.encode_presence(doc), etag=tag, max_age=max_age)
+        return self.respond(request, body, etag=tag, max_age=max_age)
+
+    def observation_started(self, user: UserId, request: Message, serverobservation: Any) -> None:
+        verdict = self._verdict_of_first_render.pop(id(request), Verdict.GRANTED)
+        watcher = requester_of(request)
+        self._observation_by_request[id(request)] = serverobservation
+        self.subscriptions.add(
+            id(serverobservation),
+            Subscription(watcher, user, self.service.now(), verdict is Verdict.POLITELY_BLOCKED),
+        )
+        self.on_watch_change(user, watcher)
+
+    def observation_ended(self, user: UserId, requester: Requester, serverobservation: Any, peer: str | None) -> None:
+        for request_id, obs in list(self._observation_by_request.items()):
+            if obs is serverobservation:
+                del self._observation_by_request[request_id]
+        reason = self._end_reason.pop(id(serverobservation), None)
+        self.subscriptions.end(id(serverobservation), reason, self.service.now())
+        self.on_watch_change(user, requester)
+
+    def refused(self, request: Message, err: GatewayError) -> None:
+        self._verdict_of_first_render.pop(id(request), None)
+        obs = self._observation_by_request.get(id(request))
+        if obs is not None:
+            # A notification's re-render was refused: the rules changed under it.
+            self._end_reason.setdefault(id(obs), SubscriptionState.REFUSED)
+
+    def end_reason(self, serverobservation: Any, state: SubscriptionState) -> None:
+        self._end_reason[id(serverobservation)] = state
+
+    def cancel_watcher(self, presentity: UserId, watcher: Requester, by_admin: bool) -> int:
+        """End every subscription of ``watcher`` to ``presentity``, telling the watcher
+        with a final 4.03 notification (RFC 7641: an error ends an observation)."""
+        state = SubscriptionState.CANCELLED_BY_ADMINISTRATOR if by_admin else SubscriptionState.CANCELLED_BY_PRESENTITY
+        ended = 0
+        for obs in list(self.observers.get(presentity, ())):
+            if self.observer_of.get(obs, "?") == watcher:
+                self._end_reason[id(obs)] = state
+                # A fresh Message per observer: aiocoap mutates what it sends.
+                obs.trigger(
+                    Message(code=Code.FORBIDDEN, payload=f"subscription cancelled by {presentity}"[:120].encode())
+                )
+                ended += 1
+        return ended
 
     async def do_put(self, user: UserId, request: Message) -> Message:
         _query(request, set())
-        doc = codec.decode_presence(_check_body_format(request))
-        stored = await self.service.publish_presence(user, doc, if_match=_if_match(request))
+        doc = codec.decode_presence(self.body_of(request))
+        stored = await self.service.publish_presence(user, doc, requester_of(request), if_match=_if_match(request))
         return Message(code=Code.CHANGED, etag=presence.etag(stored))
 
     do_post = do_put
 
     async def do_delete(self, user: UserId, request: Message) -> Message:
         _query(request, set())
-        stored = await self.service.withdraw_presence(user)
+        stored = await self.service.withdraw_presence(user, requester_of(request))
         return Message(code=Code.DELETED, etag=presence.etag(stored))
 
 
 class InboxResource(PerUserResource):
-    def __init__(self, service: GatewayService) -> None:
-        super().__init__(service)
-        # user -> when it last deregistered its inbox observation on purpose
-        self.deregistered: dict[UserId, int] = {}
-
     rt = "impp.inbox"
     if_ = "core.b"
     title = "instant inbox of user@domain: POST sends, GET ?c=cursor (Observe) reads, DELETE ?c=seq acknowledges"
 
+    def __init__(self, service: GatewayService, last_heard: dict[UserId, float] | None = None) -> None:
+        super().__init__(service, last_heard)
+        # Called when the last observation by an inbox's own principal ended, with the
+        # peer it had been made from.
+        self.on_owner_gone: Callable[[UserId, str | None], Coroutine[Any, Any, None]] | None = None
+
+    def owner_is_observing(self, user: UserId) -> bool:
+        return any(self.observer_of.get(obs) == user for obs in self.observers.get(user, ()))
+
+    def observation_ended(self, user: UserId, requester: Requester, serverobservation: Any, peer: str | None) -> None:
+        # Only the owner's own device going silent says something about its presence.
+        if requester == user and not self.owner_is_observing(user) and self.on_owner_gone is not None:
+            asyncio.get_running_loop().create_task(self.on_owner_gone(user, peer))
+
     async def do_post(self, user: UserId, request: Message) -> Message:
         _query(request, set())
-        _, result = await self.service.send_message(user, _check_body_format(request))
+        _, result = await self.service.send_message(user, self.body_of(request), requester_of(request))
         # Same answer for a first send and a resend: the sender cannot tell, and need not.
-        return _cbor_response(codec.dumps_seq(result.seq), code=Code.CREATED)
+        return self.respond(request, codec.dumps_seq(result.seq), code=Code.CREATED)
 
     async def do_get(self, user: UserId, request: Message) -> Message:
         query = _query(request, {"c"})
-        if request.opt.observe == 1:
-            # RFC 7641 3.6 deregistration: the device leaves on purpose.
-            self.deregistered[user] = self.service.now()
+        requester = requester_of(request)
         after = _cursor(query.get("c"))
         observing = request.opt.observe == 0
         budget = inbox.NOTIFICATION_BUDGET if observing else codec.MAX_BODY
-        batch, more = await self.service.fetch_inbox(user, after, budget, for_notification=observing)
+        batch, more = await self.service.fetch_inbox(user, requester, after, budget, for_notification=observing)
         # Max-Age 0: an inbox read must never be served from a cache.
-        return _cbor_response(codec.encode_batch(batch, more), max_age=0)
+        return self.respond(request, codec.encode_batch(batch, more), max_age=0)
 
     async def do_delete(self, user: UserId, request: Message) -> Message:
         query = _query(request, {"c"})
         if "c" not in query:
             raise BadRequest("acknowledge needs ?c=seq")
-        await self.service.acknowledge(user, _cursor(query["c"]))
+        await self.service.acknowledge(user, requester_of(request), _cursor(query["c"]))
         return Message(code=Code.DELETED)
 
 
@@ -271,23 +391,170 @@ class OutboxResource(PerUserResource):
 
     async def do_get(self, user: UserId, request: Message) -> Message:
         _query(request, set())
-        records = await self.service.delivery_records(user)
-        return _cbor_response(codec.encode_records(records), max_age=0)
+        records = await self.service.delivery_records(user, requester_of(request))
+        return self.respond(request, codec.encode_records(records), max_age=0)
+
+
+class RulesResource(PerUserResource):
+    rt = "impp.rules"
+    if_ = "core.p"
+    title = "access rules of user@domain (its principal or an administrator): GET / PUT"
+    observable = False
+
+    async def do_get(self, user: UserId, request: Message) -> Message:
+        _query(request, set())
+        rules = await self.service.get_rules(user, requester_of(request))
+        return self.respond(request, codec.encode_rules(rules), max_age=0)
+
+    async def do_put(self, user: UserId, request: Message) -> Message:
+        _query(request, set())
+        rules = codec.decode_rules(self.body_of(request))
+        await self.service.put_rules(user, rules, requester_of(request))
+        return Message(code=Code.CHANGED)
+
+
+class WatchersResource(PerUserResource):
+    """A presentity's watchers (5.1.11): who, since when, politely blocked or not."""
+
+    rt = "impp.watchers"
+    if_ = "core.s"
+    title = "watchers of user@domain (its principal or an administrator): GET (Observe), DELETE ?u=watcher"
+
+    def __init__(
+        self, service: GatewayService, presence_res: PresenceResource, last_heard: dict[UserId, float]
+    ) -> None:
+        super().__init__(service, last_heard)
+        self.presence_res = presence_res
+
+    async def do_get(self, user: UserId, request: Message) -> Message:
+        _query(request, set())
+        await self.service.authorize_owner(user, requester_of(request), "see who watches")
+        return self.respond(
+            request, codec.encode_watchers(self.presence_res.subscriptions.watchers_of(user)), max_age=0
+        )
+
+    async def do_delete(self, user: UserId, request: Message) -> Message:
+        """Cancel a watcher's subscriptions (5.1.16); ``u=anonymous`` ends the anonymous ones."""
+        query = _query(request, {"u"})
+        requester = requester_of(request)
+        await self.service.authorize_owner(user, requester, "cancel subscriptions")
+        if "u" not in query:
+            raise BadRequest("cancel needs ?u=watcher")
+        text = query["u"]
+        watcher: Requester = None if text == access.ANONYMOUS else parse_user_id(text)
+        if not self.presence_res.cancel_watcher(user, watcher, by_admin=requester != user):
+            raise NotFound("no such subscription")
+        return Message(code=Code.DELETED)
+
+
+class SubscriptionsResource(PerUserResource):
+    """A watcher's own subscriptions and how recent ones ended (5.1.9, 5.1.10)."""
+
+    rt = "impp.subscriptions"
+    if_ = "core.s"
+    title = "subscriptions of user@domain (its principal or an administrator): GET (Observe)"
+
+    def __init__(
+        self, service: GatewayService, presence_res: PresenceResource, last_heard: dict[UserId, float]
+    ) -> None:
+        super().__init__(service, last_heard)
+        self.presence_res = presence_res
+
+    async def do_get(self, user: UserId, request: Message) -> Message:
+        _query(request, set())
+        await self.service.authorize_owner(user, requester_of(request), "see these subscriptions")
+        return self.respond(
+            request, codec.encode_subscriptions(self.presence_res.subscriptions.subscriptions_of(user)), max_age=0
+        )
+
+
+class KeysResource(PerUserResource):
+    """Public keys for end-to-end signatures and encryption (5.3.1, 5.4.6, 5.4.9)."""
+
+    rt = "impp.keys"
+    if_ = "core.p"
+    title = "public key bundle of user@domain: GET, PUT (its principal)"
+    observable = False
+
+    async def do_get(self, user: UserId, request: Message) -> Message:
+        _query(request, set())
+        return self.respond(request, await self.service.get_key_bundle(user))
+
+    async def do_put(self, user: UserId, request: Message) -> Message:
+        _query(request, set())
+        await self.service.put_key_bundle(user, self.body_of(request), requester_of(request))
+        return Message(code=Code.CHANGED)
 
 
 class CoapListener:
     """Service change events -> Observe notifications."""
 
-    def __init__(self, presence_res: PresenceResource, inbox_res: InboxResource, outbox_res: OutboxResource):
-        self.presence_res = presence_res
-        self.inbox_res = inbox_res
-        self.outbox_res = outbox_res
+    def __init__(self, resources: Resources) -> None:
+        self.res = resources
 
     def presence_changed(self, user: UserId) -> None:
-        self.presence_res.notify(user)
+        self.res.presence.notify(user)
+
+    def rules_changed(self, user: UserId) -> None:
+        # Re-render every subscription under the new rules: newly refused watchers get
+        # a final 4.03, views and polite blocks change at once.
+        self.res.presence.notify(user)
+        self.res.inbox.notify(user)
 
     def inbox_changed(self, user: UserId) -> None:
-        self.inbox_res.notify(user)
+        self.res.inbox.notify(user)
 
     def records_changed(self, sender: UserId) -> None:
-        self.outbox_res.notify(sender)
+        self.res.outbox.notify(sender)
+
+
+class Resources:
+    """Every collection, wired together."""
+
+    def __init__(self, service: GatewayService) -> None:
+        self.last_heard: dict[UserId, float] = {}
+        heard = self.last_heard
+        self.presence = PresenceResource(service, heard)
+        self.inbox = InboxResource(service, heard)
+        self.outbox = OutboxResource(service, heard)
+        self.rules = RulesResource(service, heard)
+        self.watchers = WatchersResource(service, self.presence, heard)
+        self.subscriptions = SubscriptionsResource(service, self.presence, heard)
+        self.keys = KeysResource(service, heard)
+        self.presence.on_watch_change = self._watch_changed
+
+    def use_dictionaries(self, registry: compression.DictionaryRegistry) -> None:
+        for res in self.all():
+            res.dictionaries = registry
+
+    def _watch_changed(self, presentity: UserId, watcher: Requester) -> None:
+        self.watchers.notify(presentity)
+        if watcher is not None:
+            self.subscriptions.notify(watcher)
+
+    def by_path(self) -> dict[str, PerUserResource]:
+        return {
+            "p": self.presence,
+            "i": self.inbox,
+            "o": self.outbox,
+            "r": self.rules,
+            "w": self.watchers,
+            "s": self.subscriptions,
+            "k": self.keys,
+        }
+
+    def all(self) -> list[PerUserResource]:
+        return list(self.by_path().values())
+
+    def end_observations_of(self, requester: UserId, reason: str) -> int:
+        """End every observation ``requester`` made (its credentials were revoked)."""
+        ended = 0
+        for res in self.all():
+            for obs, who in list(res.observer_of.items()):
+                if who == requester:
+                    if res is self.presence:
+                        self.presence.end_reason(obs, SubscriptionState.CANCELLED_BY_ADMINISTRATOR)
+                    # A fresh Message per observer: aiocoap mutates what it sends.
+                    obs.trigger(Message(code=Code.UNAUTHORIZED, payload=reason.encode()[:120]))
+                    ended += 1
+        return ended

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
-from aiocoap import Code, Message, error, resource
+from aiocoap import Code, Message, error, interfaces, resource
 
 from .errors import short_diagnostic
 
@@ -28,3 +29,37 @@ class WellKnownCore(resource.WKCResource):  # type: ignore[misc]
             text = "only link-format (40) is served" if response.code == Code.NOT_ACCEPTABLE else "bad request"
             response.payload = short_diagnostic(text)
         return response
+
+
+class DeregistrationWatch(interfaces.Resource):  # type: ignore[misc]
+    """Outermost layer: notes which peers sent an RFC 7641 deregistration (GET with
+    Observe=1), before OSCORE hides it: inside OSCORE, aiocoap 0.4.17 shows the request
+    without its Observe option or token. An observation that ends just as its peer
+    deregistered was ended on purpose, not by a lost link."""
+
+    KEEP_SECONDS = 10.0
+
+    def __init__(self, inner: interfaces.Resource) -> None:
+        self.inner = inner
+        self.seen: dict[str, float] = {}
+
+    def deregistered_since(self, hostinfo: str, since: float) -> bool:
+        return self.seen.get(hostinfo, float("-inf")) >= since
+
+    async def render_to_pipe(self, pipe: Any) -> None:
+        request = pipe.request
+        if request.opt.observe == 1:
+            now = asyncio.get_running_loop().time()
+            if len(self.seen) > 1000:
+                self.seen = {k: t for k, t in self.seen.items() if now - t < self.KEEP_SECONDS}
+            self.seen[request.remote.hostinfo] = now
+        await self.inner.render_to_pipe(pipe)
+
+    async def render(self, request: Message) -> Message:
+        raise RuntimeError("only render_to_pipe is used")
+
+    async def needs_blockwise_assembly(self, request: Message) -> bool:
+        raise RuntimeError("only render_to_pipe is used")
+
+    def get_resources_as_linkheader(self) -> Any:
+        return self.inner.get_resources_as_linkheader()

@@ -6,7 +6,7 @@ Patterns name requesters: ``user@domain`` exactly, ``*@domain`` a whole domain,
 ``*`` any authenticated principal, ``anonymous`` unauthenticated requesters.
 
 Presence reads (fetch or subscribe) are decided in this order:
-1. the owner, and administrators, see everything;
+1. the owner sees everything (administrators are watchers like any other here);
 2. ``refused`` matches: refused with notice (4.03, RFC 2779 5.1.5);
 3. ``blocked`` matches: polite blocking (5.1.15): the request appears granted but the
    watcher only ever sees a CLOSED document carrying the real version, so its
@@ -119,10 +119,8 @@ def view_for(rules: AccessRules, requester: UserId | None) -> View:
     return best[1]
 
 
-def decide_read(
-    rules: AccessRules, owner: UserId, requester: UserId | None, kind: ReadKind, *, is_admin: bool = False
-) -> ReadDecision:
-    if requester == owner or is_admin:
+def decide_read(rules: AccessRules, owner: UserId, requester: UserId | None, kind: ReadKind) -> ReadDecision:
+    if requester == owner:
         return ReadDecision(Verdict.GRANTED)
     if _any(rules.refused, requester):
         return ReadDecision(Verdict.REFUSED)

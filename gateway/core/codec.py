@@ -15,7 +15,7 @@ from typing import Any
 
 import cbor2
 
-from . import access
+from . import access, subscriptions
 from .errors import CodecError, GatewayError, PayloadTooLarge
 from .ids import UserId, parse_domain, parse_user_id
 from .model import (
@@ -261,11 +261,16 @@ def encode_presence(doc: PresenceDocument, *, for_publish: bool = False) -> byte
 # -- instant messages ---------------------------------------------------------------
 
 
-def decode_message(data: bytes, recipient: UserId | None = None) -> InstantMessage:
-    """Decode an IM POSTed to ``recipient``'s inbox (the path names the recipient; key 2 may repeat it)."""
+def decode_message(data: bytes, recipient: UserId | None = None, sender: UserId | None = None) -> InstantMessage:
+    """Decode an IM POSTed to ``recipient``'s inbox.
+
+    The path names the recipient (key 2 may repeat it) and OSCORE names the sender
+    (key 1 may repeat it; the caller checks it matches)."""
     body = _map(_loads(data), "message")
     _check_keys(body, MessageKey, "message")
-    for required in (MessageKey.ID, MessageKey.FROM, MessageKey.PAYLOAD):
+    if MessageKey.FROM not in body and sender is None:
+        raise CodecError("message: key 1 (from) is required")
+    for required in (MessageKey.ID, MessageKey.PAYLOAD):
         if required not in body:
             raise CodecError(f"message: key {int(required)} ({required.name.lower()}) is required")
     msg_id = body[MessageKey.ID]
@@ -283,7 +288,7 @@ def decode_message(data: bytes, recipient: UserId | None = None) -> InstantMessa
         raise CodecError("message: recipient differs from the inbox addressed")
     return InstantMessage(
         msg_id=MessageId(msg_id),
-        sender=_user(body[MessageKey.FROM], "from"),
+        sender=_user(body[MessageKey.FROM], "from") if MessageKey.FROM in body else sender,  # type: ignore[arg-type]
         recipient=to,
         payload=payload,
         content_format=_uint(body.get(MessageKey.CONTENT_FORMAT, 0), "content format", 65535),
@@ -293,12 +298,11 @@ def decode_message(data: bytes, recipient: UserId | None = None) -> InstantMessa
     )
 
 
-def _message_map(msg: InstantMessage, *, include_to: bool) -> dict[int, Any]:
-    body: dict[int, Any] = {
-        MessageKey.ID: bytes(msg.msg_id),
-        MessageKey.FROM: msg.sender,
-        MessageKey.PAYLOAD: msg.payload,
-    }
+def _message_map(msg: InstantMessage, *, include_to: bool, include_from: bool = True) -> dict[int, Any]:
+    body: dict[int, Any] = {MessageKey.ID: bytes(msg.msg_id)}
+    if include_from:
+        body[MessageKey.FROM] = msg.sender
+    body[MessageKey.PAYLOAD] = msg.payload
     if include_to:
         body[MessageKey.TO] = msg.recipient
     if msg.reply_to is not None:
@@ -312,9 +316,10 @@ def _message_map(msg: InstantMessage, *, include_to: bool) -> dict[int, Any]:
     return {int(k): v for k, v in body.items()}
 
 
-def encode_message(msg: InstantMessage, *, include_to: bool = False) -> bytes:
-    """Encode for POSTing to the recipient's inbox (the path already names the recipient)."""
-    return _dumps(_message_map(msg, include_to=include_to))
+def encode_message(msg: InstantMessage, *, include_to: bool = False, include_from: bool = True) -> bytes:
+    """Encode for POSTing to the recipient's inbox (the path already names the recipient;
+    over OSCORE the security context names the sender, so ``include_from`` may be off)."""
+    return _dumps(_message_map(msg, include_to=include_to, include_from=include_from))
 
 
 def encode_batch(messages: Sequence[QueuedMessage], more: bool) -> bytes:
@@ -508,3 +513,45 @@ def encode_rules(rules: access.AccessRules) -> bytes:
             int(RulesKey.READERS): list(rules.readers),
         }
     )
+
+
+# -- subscriptions, watchers and key bundles ----------------------------------------------
+
+
+def encode_watchers(watchers: Sequence[subscriptions.Subscription]) -> bytes:
+    """The presentity's view: [[watcher or "anonymous", politely blocked, since], ...]."""
+    return _dumps([[w.watcher or access.ANONYMOUS, w.politely_blocked, w.since] for w in watchers])
+
+
+def decode_watchers(data: bytes, presentity: UserId) -> list[subscriptions.Subscription]:
+    raw = _loads(data)
+    if not isinstance(raw, list):
+        raise CodecError("watchers: array expected")
+    out = []
+    for item in raw:
+        if not isinstance(item, list) or len(item) != 3 or not isinstance(item[1], bool):
+            raise CodecError("watcher: [id, blocked, since] expected")
+        watcher = None if item[0] == access.ANONYMOUS else _user(item[0], "watcher")
+        out.append(subscriptions.Subscription(watcher, presentity, _uint(item[2], "since", 2**63), item[1]))
+    return out
+
+
+def encode_subscriptions(items: Sequence[subscriptions.SubscriptionStatus]) -> bytes:
+    """The watcher's view: [[presentity, state, time], ...]."""
+    return _dumps([[s.presentity, int(s.state), s.since] for s in items])
+
+
+def decode_subscriptions(data: bytes) -> list[subscriptions.SubscriptionStatus]:
+    raw = _loads(data)
+    if not isinstance(raw, list):
+        raise CodecError("subscriptions: array expected")
+    out = []
+    for item in raw:
+        if not isinstance(item, list) or len(item) != 3:
+            raise CodecError("subscription: [presentity, state, time] expected")
+        try:
+            state = subscriptions.SubscriptionState(_uint(item[1], "state", 3))
+        except ValueError as exc:
+            raise CodecError("subscription: bad state") from exc
+        out.append(subscriptions.SubscriptionStatus(_user(item[0], "presentity"), state, _uint(item[2], "time", 2**63)))
+    return out

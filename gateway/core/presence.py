@@ -10,6 +10,7 @@ cache can tell whether it has the current document.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import replace
 
 from .model import PresenceDocument, Status
@@ -53,6 +54,12 @@ def is_lease_expired(doc: PresenceDocument, now: int) -> bool:
 def etag(doc: PresenceDocument) -> bytes:
     """The version as a minimal big-endian integer (1..8 bytes, RFC 7252 5.10.6)."""
     return doc.version.to_bytes(max(1, (doc.version.bit_length() + 7) // 8), "big")
+
+
+def representation_tag(body: bytes) -> bytes:
+    """Two bytes telling filtered representations of one version apart (ETags are at
+    most 8 bytes, RFC 7252 5.10.6: a version of up to 6 bytes plus these two)."""
+    return hashlib.blake2s(body, digest_size=2).digest()
 
 
 def max_age(doc: PresenceDocument, now: int) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Protocol
 
+from ..core.access import AccessRules
 from ..core.ids import UserId
 from ..core.model import (
     DeliveryRecord,
@@ -38,6 +39,18 @@ class Store(Protocol):
     async def due_leases(self, now: int) -> list[UserId]:
         """Presentities whose lease deadline is at or before ``now``."""
         ...
+
+    async def get_rules(self, user: UserId) -> AccessRules | None:
+        """The user's access rules, or None if it never set any (defaults apply)."""
+        ...
+
+    async def put_rules(self, user: UserId, rules: AccessRules) -> None: ...
+
+    async def get_key_bundle(self, user: UserId) -> bytes | None:
+        """The public keys the user published for end-to-end signing and encryption."""
+        ...
+
+    async def put_key_bundle(self, user: UserId, bundle: bytes) -> None: ...
 
     async def enqueue(self, message: InstantMessage, body: bytes, received: int, expires: int | None) -> EnqueueResult:
         """Store a message durably, once per (sender, msg_id); raises Conflict if that id

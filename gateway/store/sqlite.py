@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from ..core import codec
+from ..core.access import AccessRules
 from ..core.errors import Conflict
 from ..core.ids import UserId
 from ..core.model import (
@@ -30,7 +31,7 @@ from ..core.model import (
     UserRecord,
 )
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 _SCHEMA = [
     "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
@@ -59,6 +60,14 @@ _SCHEMA = [
     "CREATE INDEX messages_outbox ON messages (sender, updated)",
     "CREATE INDEX messages_expiry ON messages (expires) WHERE state = 0 AND expires IS NOT NULL",
 ]
+
+# Schema version -> statements taking a store of the previous version to it.
+_MIGRATIONS = {
+    2: [
+        "CREATE TABLE rules (user TEXT PRIMARY KEY, body BLOB NOT NULL)",
+        "CREATE TABLE key_bundles (user TEXT PRIMARY KEY, body BLOB NOT NULL)",
+    ],
+}
 
 T = TypeVar("T")
 
@@ -98,7 +107,13 @@ class SqliteStore:
             with self._transaction():
                 for statement in _SCHEMA:
                     db.execute(statement)
-                db.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+                db.execute("INSERT INTO meta VALUES ('schema_version', '1')")
+            version = 1
+        for target in range(version + 1, SCHEMA_VERSION + 1):
+            with self._transaction():
+                for statement in _MIGRATIONS[target]:
+                    db.execute(statement)
+                db.execute("UPDATE meta SET value=? WHERE key='schema_version'", (str(target),))
 
     @property
     def _conn(self) -> sqlite3.Connection:
@@ -138,6 +153,8 @@ class SqliteStore:
             with self._transaction():
                 cur = self._conn.execute("DELETE FROM users WHERE user=?", (user,))
                 self._conn.execute("DELETE FROM presence WHERE user=?", (user,))
+                self._conn.execute("DELETE FROM rules WHERE user=?", (user,))
+                self._conn.execute("DELETE FROM key_bundles WHERE user=?", (user,))
                 # Their senders learn why these will never arrive.
                 self._conn.execute(
                     "UPDATE messages SET state=?, reason=?, updated=updated WHERE recipient=? AND state=?",
@@ -180,6 +197,40 @@ class SqliteStore:
             return [UserId(r[0]) for r in rows]
 
         return await self._run(work)
+
+    # -- access rules --------------------------------------------------------------
+
+    async def get_rules(self, user: UserId) -> AccessRules | None:
+        def work() -> AccessRules | None:
+            row = self._conn.execute("SELECT body FROM rules WHERE user=?", (user,)).fetchone()
+            return None if row is None else codec.decode_rules(row[0])
+
+        return await self._run(work)
+
+    async def put_rules(self, user: UserId, rules: AccessRules) -> None:
+        body = codec.encode_rules(rules)
+
+        def work() -> None:
+            with self._transaction():
+                self._conn.execute("INSERT OR REPLACE INTO rules VALUES (?, ?)", (user, body))
+
+        await self._run(work)
+
+    # -- published public keys ------------------------------------------------------
+
+    async def get_key_bundle(self, user: UserId) -> bytes | None:
+        def work() -> bytes | None:
+            row = self._conn.execute("SELECT body FROM key_bundles WHERE user=?", (user,)).fetchone()
+            return None if row is None else bytes(row[0])
+
+        return await self._run(work)
+
+    async def put_key_bundle(self, user: UserId, bundle: bytes) -> None:
+        def work() -> None:
+            with self._transaction():
+                self._conn.execute("INSERT OR REPLACE INTO key_bundles VALUES (?, ?)", (user, bundle))
+
+        await self._run(work)
 
     # -- instant messages ----------------------------------------------------------
 

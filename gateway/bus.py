@@ -1,0 +1,146 @@
+"""Change events between gateway processes.
+
+The service reports every durable change (presence, rules, inbox, delivery records of
+some user). Within one process the CoAP layer turns it into notifications directly.
+With several processes (``--workers N`` on one machine, or several machines) the
+watchers of a user may be attached to another process, so every change is also
+published on a Redis channel; each process notifies its own observers of changes
+made elsewhere. Events carry only (kind, user): notifications are rendered from the
+shared store, so a lost or late event costs at most a delay, never wrong content.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import Callable
+from typing import Protocol
+
+import cbor2
+
+from .core.ids import UserId
+from .service import ChangeListener
+
+log = logging.getLogger(__name__)
+
+KINDS = ("presence", "rules", "inbox", "records")
+
+
+class EventBus(Protocol):
+    async def start(self, deliver: Callable[[str, UserId], None]) -> None: ...
+
+    def publish(self, kind: str, user: UserId) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+class LocalBus:
+    """One process: nothing to share."""
+
+    async def start(self, deliver: Callable[[str, UserId], None]) -> None:
+        pass
+
+    def publish(self, kind: str, user: UserId) -> None:
+        pass
+
+    async def close(self) -> None:
+        pass
+
+
+class RedisBus:
+    """Redis pub/sub: fire-and-forget fan-out to every gateway process."""
+
+    def __init__(self, url: str, channel: str = "impp:events") -> None:
+        import redis.asyncio as aioredis
+
+        self._redis = aioredis.from_url(url)
+        self.channel = channel
+        self.origin = os.urandom(8)  # our own events come back too: skip them
+        self._task: asyncio.Task[None] | None = None
+        self._pending: set[asyncio.Task[object]] = set()
+
+    async def start(self, deliver: Callable[[str, UserId], None]) -> None:
+        pubsub = self._redis.pubsub()
+        await pubsub.subscribe(self.channel)
+        self._task = asyncio.create_task(self._listen(pubsub, deliver))
+
+    async def _listen(self, pubsub: object, deliver: Callable[[str, UserId], None]) -> None:
+        async for item in pubsub.listen():  # type: ignore[attr-defined]
+            if item.get("type") != "message":
+                continue
+            try:
+                origin, kind, user = cbor2.loads(item["data"])
+            except Exception:
+                log.warning("ignoring a malformed event on %s", self.channel)
+                continue
+            if origin != self.origin and kind in KINDS:
+                deliver(kind, UserId(user))
+
+    def publish(self, kind: str, user: UserId) -> None:
+        task: asyncio.Task[object] = asyncio.get_running_loop().create_task(
+            self._send(cbor2.dumps([self.origin, kind, user]))
+        )
+        self._pending.add(task)
+        task.add_done_callback(self._published)
+
+    async def _send(self, payload: bytes) -> object:
+        return await self._redis.publish(self.channel, payload)
+
+    def _published(self, task: asyncio.Task[object]) -> None:
+        self._pending.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("event not published: %s", task.exception())
+
+    async def close(self) -> None:
+        if self._pending:
+            await asyncio.gather(*self._pending, return_exceptions=True)
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        await self._redis.aclose()
+
+
+def open_bus(url: str | None) -> EventBus:
+    """``None``/``local``: this process only; ``redis://host:port/db[?channel=NAME]``."""
+    if url is None or url == "local":
+        return LocalBus()
+    if url.startswith(("redis://", "rediss://", "unix://")):
+        base, _, query = url.partition("?")
+        params = dict(item.partition("=")[::2] for item in query.split("&") if item)
+        channel = params.pop("channel", "impp:events")
+        rest = "&".join(f"{k}={v}" for k, v in params.items())
+        return RedisBus(f"{base}?{rest}" if rest else base, channel)
+    raise ValueError(f"unknown bus URL {url!r}: use redis://host:port/db[?channel=NAME]")
+
+
+class SharedListener:
+    """Notifies local observers at once and tells the other processes."""
+
+    def __init__(self, local: ChangeListener, bus: EventBus) -> None:
+        self.local = local
+        self.bus = bus
+
+    def deliver(self, kind: str, user: UserId) -> None:
+        {
+            "presence": self.local.presence_changed,
+            "rules": self.local.rules_changed,
+            "inbox": self.local.inbox_changed,
+            "records": self.local.records_changed,
+        }[kind](user)
+
+    def presence_changed(self, user: UserId) -> None:
+        self.local.presence_changed(user)
+        self.bus.publish("presence", user)
+
+    def rules_changed(self, user: UserId) -> None:
+        self.local.rules_changed(user)
+        self.bus.publish("rules", user)
+
+    def inbox_changed(self, user: UserId) -> None:
+        self.local.inbox_changed(user)
+        self.bus.publish("inbox", user)
+
+    def records_changed(self, sender: UserId) -> None:
+        self.local.records_changed(sender)
+        self.bus.publish("records", sender)

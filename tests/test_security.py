@@ -1,0 +1,504 @@
+"""Security over real UDP with real OSCORE: identities, every access rule, attacks.
+
+RFC 2779 2.3 (access control), 5.1-5.4 (subscriptions, notifications, instant messages).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import cbor2
+import pytest
+from aiocoap import Code, Message
+
+from device_sim.client import DeviceClient, RequestFailed
+from gateway.app import Gateway
+from gateway.core import codec
+from gateway.core.access import AccessRules, Field, View
+from gateway.core.ids import UserId
+from gateway.core.model import Contact, InstantMessage, MessageId, PresenceDocument, Status
+from gateway.core.subscriptions import SubscriptionState
+
+from .conftest import ADMIN, ALICE, BOB, CAROL, ManualClock, eventually, keystore_of
+from .rawcoap import RawDevice
+
+MakeDevice = Callable[..., Awaitable[DeviceClient]]
+MakeAnonymous = Callable[[], Awaitable[DeviceClient]]
+FULL = PresenceDocument(
+    Status.OPEN, note="in the lab", contact=Contact(tel="+1 555", email="alice@example.org"), extensions={"x": 1}
+)
+
+
+async def _true(value: bool) -> bool:
+    return value
+
+
+async def code_of(call: Awaitable[object]) -> Code:
+    try:
+        await call
+    except RequestFailed as exc:
+        return exc.code
+    return Code.CONTENT
+
+
+class Watch:
+    """A subscription (Observe) running in the background, collecting what it sees."""
+
+    def __init__(self, client: DeviceClient, presentity: UserId) -> None:
+        self.docs: list[PresenceDocument] = []
+        self.ended: RequestFailed | None = None
+        self.task = asyncio.create_task(self._run(client, presentity))
+
+    async def _run(self, client: DeviceClient, presentity: UserId) -> None:
+        request = client.context.request(Message(code=Code.GET, uri=f"{client.base}/p/{presentity}", observe=0))
+        first = await request.response
+        if not first.code.is_successful():
+            self.ended = RequestFailed(first.code, first.payload.decode())
+            return
+        self.docs.append(codec.decode_presence_view(first.payload))
+        async for note in request.observation:
+            if not note.code.is_successful():
+                self.ended = RequestFailed(note.code, note.payload.decode())
+                return
+            self.docs.append(codec.decode_presence_view(note.payload))
+        # aiocoap ends the iteration on an error notification by raising; handled below
+
+    async def stop(self) -> None:
+        self.task.cancel()
+        await asyncio.gather(self.task, return_exceptions=True)
+
+
+# -- identities and anonymous access ---------------------------------------------------------
+
+
+async def test_anonymous_may_do_nothing_by_default(device: MakeDevice, anonymous: MakeAnonymous) -> None:
+    alice, anon = await device(ALICE), await anonymous()
+    await alice.publish(FULL)
+    assert await code_of(anon.fetch_presence(ALICE)) == Code.UNAUTHORIZED
+    publish = codec.encode_presence(PresenceDocument(Status.CLOSED, note="spoof"), for_publish=True)
+    assert (await anon.request(Code.PUT, f"/p/{ALICE}", publish)).code == Code.UNAUTHORIZED
+    assert (await anon.request(Code.DELETE, f"/p/{ALICE}")).code == Code.UNAUTHORIZED
+    assert (await alice.fetch_presence(ALICE)).note == "in the lab"
+    body = codec.encode_message(InstantMessage(MessageId(b"1"), ALICE, BOB, b"hi"))
+    assert (await anon.request(Code.POST, f"/i/{BOB}", body)).code == Code.UNAUTHORIZED
+    assert (await anon.request(Code.GET, f"/i/{ALICE}")).code == Code.UNAUTHORIZED
+    assert (await anon.request(Code.GET, f"/o/{ALICE}")).code == Code.UNAUTHORIZED
+    assert (await anon.request(Code.GET, f"/r/{ALICE}")).code == Code.UNAUTHORIZED
+    assert (await alice.fetch_inbox()).messages == []  # nothing was stored for bob either
+    bob = await device(BOB)
+    assert (await bob.fetch_inbox()).messages == []
+
+
+async def test_sender_is_the_authenticated_principal(device: MakeDevice) -> None:
+    """5.4.3: B can verify A sent it. The gateway fills `from` from the OSCORE identity
+    and refuses a `from` naming someone else."""
+    alice, bob = await device(ALICE), await device(BOB)
+    await alice.send(BOB, "from alice")
+    [got] = (await bob.fetch_inbox()).messages
+    assert got.message.sender == ALICE
+    forged = codec.encode_message(InstantMessage(MessageId(b"f"), CAROL, BOB, b"I am carol"))
+    response = await alice.request(Code.POST, f"/i/{BOB}", forged)
+    assert response.code == Code.FORBIDDEN and b"authenticated sender" in response.payload
+    assert len((await bob.fetch_inbox()).messages) == 1
+
+
+async def test_anonymous_subscription_only_when_allowed(device: MakeDevice, anonymous: MakeAnonymous) -> None:
+    """5.1.3 (B may allow unauthenticated subscriptions) and 5.1.14 (B may prevent them)."""
+    alice, anon = await device(ALICE), await anonymous()
+    await alice.publish(FULL)
+    watch = Watch(anon, ALICE)
+    await eventually(lambda: _true(watch.ended is not None))
+    assert watch.ended is not None and watch.ended.code == Code.UNAUTHORIZED
+    await alice.put_rules(AccessRules(subscribers=("*", "anonymous")))
+    watch = Watch(anon, ALICE)
+    try:
+        await eventually(lambda: _true(len(watch.docs) == 1))
+        assert watch.docs[0].note == "in the lab"
+        assert await code_of(anon.fetch_presence(ALICE)) == Code.UNAUTHORIZED  # fetching is a separate right
+    finally:
+        await watch.stop()
+
+
+# -- presentity access rules (2.3.1-2.3.4, 5.1.5, 5.1.13, 5.1.15, 5.2.2, 5.2.3) ----------------------
+
+
+async def test_fetch_and_subscribe_are_controlled_separately(device: MakeDevice) -> None:
+    alice, bob, carol = await device(ALICE), await device(BOB), await device(CAROL)
+    await alice.publish(FULL)
+    await alice.put_rules(AccessRules(fetchers=(BOB,), subscribers=(CAROL,)))
+    assert (await bob.fetch_presence(ALICE)).note == "in the lab"
+    assert await code_of(carol.fetch_presence(ALICE)) == Code.FORBIDDEN
+    bob_watch, carol_watch = Watch(bob, ALICE), Watch(carol, ALICE)
+    try:
+        await eventually(lambda: _true(bob_watch.ended is not None and len(carol_watch.docs) == 1))
+        assert bob_watch.ended is not None and bob_watch.ended.code == Code.FORBIDDEN
+        assert "refused" in bob_watch.ended.diagnostic  # 5.1.5: A is told B refused
+    finally:
+        await bob_watch.stop()
+        await carol_watch.stop()
+
+
+async def test_per_watcher_views_apply_to_fetch_and_notification(device: MakeDevice) -> None:
+    """2.3.3 / 5.2.3: what each watcher sees, whether fetched or notified."""
+    alice, bob, carol = await device(ALICE), await device(BOB), await device(CAROL)
+    await alice.put_rules(
+        AccessRules(views={BOB: View(Field.NOTE | Field.TEL), CAROL: View(Field(0), note="busy")})
+    )
+    await alice.publish(FULL)
+    bob_sees, carol_sees = await bob.fetch_presence(ALICE), await carol.fetch_presence(ALICE)
+    assert (bob_sees.note, bob_sees.contact, dict(bob_sees.extensions)) == ("in the lab", Contact(tel="+1 555"), {})
+    assert (carol_sees.note, carol_sees.contact, carol_sees.status) == ("busy", Contact(), Status.OPEN)
+    bob_watch, carol_watch = Watch(bob, ALICE), Watch(carol, ALICE)
+    try:
+        await eventually(lambda: _true(len(bob_watch.docs) == 1 and len(carol_watch.docs) == 1))
+        await alice.publish(PresenceDocument(Status.OPEN, note="coffee", contact=Contact(tel="+1 555", adr="Rome")))
+        await eventually(lambda: _true(len(bob_watch.docs) == 2 and len(carol_watch.docs) == 2))
+        assert (bob_watch.docs[1].note, bob_watch.docs[1].contact) == ("coffee", Contact(tel="+1 555"))
+        assert (carol_watch.docs[1].note, carol_watch.docs[1].contact) == ("busy", Contact())
+        # alice herself always sees everything
+        assert (await alice.fetch_presence(ALICE)).contact.adr == "Rome"
+    finally:
+        await bob_watch.stop()
+        await carol_watch.stop()
+
+
+async def test_other_publishers_only_when_allowed(device: MakeDevice) -> None:
+    """2.3.4: which other principals may update the presence."""
+    alice, bob, carol = await device(ALICE), await device(BOB), await device(CAROL)
+    body = codec.encode_presence(PresenceDocument(Status.OPEN, note="set by bob"), for_publish=True)
+    assert (await bob.request(Code.PUT, f"/p/{ALICE}", body)).code == Code.FORBIDDEN
+    await alice.put_rules(AccessRules(publishers=(BOB,)))
+    assert (await bob.request(Code.PUT, f"/p/{ALICE}", body)).code == Code.CHANGED
+    assert (await carol.request(Code.PUT, f"/p/{ALICE}", body)).code == Code.FORBIDDEN
+    assert (await carol.fetch_presence(ALICE)).note == "set by bob"
+
+
+async def test_polite_blocking_is_indistinguishable_for_the_watcher(device: MakeDevice) -> None:
+    """5.1.15 / 5.2.3: the subscription appears granted, notifications keep the real
+    cadence, nothing real is delivered; only the presentity sees the block."""
+    alice, bob, carol = await device(ALICE), await device(BOB), await device(CAROL)
+    await alice.publish(FULL)
+    await alice.put_rules(AccessRules(blocked=(BOB,)))
+    fetched = await bob.fetch_presence(ALICE)
+    assert (fetched.status, fetched.note, fetched.contact) == (Status.CLOSED, None, Contact())
+    blocked, normal = Watch(bob, ALICE), Watch(carol, ALICE)
+    try:
+        await eventually(lambda: _true(len(blocked.docs) == 1 and len(normal.docs) == 1))
+        for note in ("one", "two", "three"):
+            await alice.publish(PresenceDocument(Status.OPEN, note=note))
+            await eventually(lambda n=note: _true(normal.docs[-1].note == n))  # type: ignore[misc]
+            await eventually(lambda: _true(len(blocked.docs) == len(normal.docs)))
+        assert len(blocked.docs) == len(normal.docs) == 4
+        assert all(d.status is Status.CLOSED and d.note is None for d in blocked.docs)
+        assert [d.version for d in blocked.docs] == [d.version for d in normal.docs]
+        assert blocked.ended is None
+        # The watcher's own view of its subscription: active, like any other.
+        [status] = [s for s in await bob.subscriptions() if s.presentity == ALICE]
+        assert status.state is SubscriptionState.ACTIVE
+        # Only alice sees that bob is politely blocked.
+        watchers = {w.watcher: w.politely_blocked for w in await alice.watchers()}
+        assert watchers == {BOB: True, CAROL: False}
+    finally:
+        await blocked.stop()
+        await normal.stop()
+
+
+async def test_rules_hold_while_out_of_contact(gateway: Gateway, device: MakeDevice, clock: ManualClock) -> None:
+    """2.3 (last paragraph): access decisions do not need the presentity."""
+    alice, bob, carol = await device(ALICE), await device(BOB), await device(CAROL)
+    await alice.put_rules(AccessRules(fetchers=(BOB,), views={BOB: View(Field.NOTE)}))
+    await alice.publish(PresenceDocument(Status.OPEN, note="here", contact=Contact(tel="1"), lease=10))
+    await alice.close()
+    clock.advance(11)
+
+    async def gone() -> bool:
+        return (await bob.fetch_presence(ALICE)).out_of_contact
+
+    await eventually(gone)
+    seen = await bob.fetch_presence(ALICE)
+    assert (seen.status, seen.note, seen.contact) == (Status.CLOSED, "here", Contact())
+    assert await code_of(carol.fetch_presence(ALICE)) == Code.FORBIDDEN
+
+
+async def test_rule_change_ends_a_now_refused_subscription(device: MakeDevice) -> None:
+    alice, bob = await device(ALICE), await device(BOB)
+    await alice.publish(FULL)
+    watch = Watch(bob, ALICE)
+    try:
+        await eventually(lambda: _true(len(watch.docs) == 1))
+        await alice.put_rules(AccessRules(refused=(BOB,)))
+        await eventually(lambda: _true(watch.ended is not None))
+        assert watch.ended is not None and watch.ended.code == Code.FORBIDDEN
+        states = {s.presentity: s.state for s in await bob.subscriptions()}
+        assert states[ALICE] is SubscriptionState.REFUSED
+    finally:
+        await watch.stop()
+
+
+# -- inbox rules (2.3.5, 2.3.6, 5.4.11) --------------------------------------------------------
+
+
+async def test_inbox_senders_blocking_and_readers(device: MakeDevice) -> None:
+    alice, bob, carol = await device(ALICE), await device(BOB), await device(CAROL)
+    await alice.put_rules(AccessRules(senders=("*@example.org",), blocked_senders=(CAROL,), readers=(BOB,)))
+    await bob.send(ALICE, "bob may send")
+    assert await code_of(carol.send(ALICE, "carol is blocked")) == Code.FORBIDDEN  # 5.4.11, told (5.4.1)
+    # a delegate may read the inbox (2.3.6); nobody else may
+    delegate_view = await bob.request(Code.GET, f"/i/{ALICE}")
+    assert delegate_view.code == Code.CONTENT
+    assert [m.message.payload for m in codec.decode_batch(delegate_view.payload, ALICE)[0]] == [b"bob may send"]
+    assert (await carol.request(Code.GET, f"/i/{ALICE}")).code == Code.FORBIDDEN
+    assert (await carol.request(Code.DELETE, f"/i/{ALICE}?c=99")).code == Code.FORBIDDEN
+    assert [m.message.payload for m in (await alice.fetch_inbox()).messages] == [b"bob may send"]
+
+
+async def test_only_the_principal_changes_rules(device: MakeDevice) -> None:
+    """An administrator may read rules (to help) but not change them: it could grant
+    itself the inbox or presence it must not have."""
+    alice, bob, admin = await device(ALICE), await device(BOB), await device(ADMIN)
+    rules = AccessRules(blocked=(CAROL,))
+    assert (await bob.request(Code.PUT, f"/r/{ALICE}", codec.encode_rules(rules))).code == Code.FORBIDDEN
+    assert (await bob.request(Code.GET, f"/r/{ALICE}")).code == Code.FORBIDDEN
+    grab = AccessRules(readers=(ADMIN,), publishers=(ADMIN,))
+    assert (await admin.request(Code.PUT, f"/r/{ALICE}", codec.encode_rules(grab))).code == Code.FORBIDDEN
+    await alice.put_rules(rules)
+    assert await alice.get_rules() == rules
+    admin_view = await admin.request(Code.GET, f"/r/{ALICE}")
+    assert admin_view.code == Code.CONTENT and codec.decode_rules(admin_view.payload) == rules
+    bad = cbor2.dumps({0: ["not a pattern"]})
+    assert (await alice.request(Code.PUT, f"/r/{ALICE}", bad)).code == Code.BAD_REQUEST
+    assert await alice.get_rules() == rules  # nothing stored from bad input
+
+
+async def test_a_narrowed_view_invalidates_the_old_etag(device: MakeDevice) -> None:
+    """3.3.3: a cached or revalidated copy never outlives a rule change."""
+    alice, bob = await device(ALICE), await device(BOB)
+    await alice.publish(FULL)
+    full = await bob.request(Code.GET, f"/p/{ALICE}")
+    await alice.put_rules(AccessRules(views={BOB: View(Field(0))}))
+    again = await bob.request(Code.GET, f"/p/{ALICE}", etags=[full.opt.etag])
+    assert again.code == Code.CONTENT and again.opt.etag != full.opt.etag
+    assert codec.decode_presence_view(again.payload).note is None
+    await alice.put_rules(AccessRules(blocked=(BOB,)))
+    blocked = await bob.request(Code.GET, f"/p/{ALICE}", etags=[full.opt.etag, again.opt.etag])
+    assert blocked.code == Code.CONTENT and codec.decode_presence_view(blocked.payload).status is Status.CLOSED
+
+
+async def test_anonymous_cannot_tell_which_users_exist(anonymous: MakeAnonymous) -> None:
+    anon = await anonymous()
+    for user in (ALICE, "nobody@example.org"):
+        assert (await anon.request(Code.GET, f"/p/{user}")).code == Code.UNAUTHORIZED
+        assert (await anon.request(Code.GET, f"/w/{user}")).code == Code.UNAUTHORIZED
+
+
+# -- subscriptions: status, watchers, cancellation (5.1.6-5.1.11, 5.1.16) -----------------------------
+
+
+async def test_watchers_subscriptions_and_cancellation(device: MakeDevice) -> None:
+    alice, bob, carol = await device(ALICE), await device(BOB), await device(CAROL)
+    await alice.publish(FULL)
+    watch = Watch(bob, ALICE)
+    try:
+        await eventually(lambda: _true(len(watch.docs) == 1))
+        # B learns about A's subscription (5.1.11), A sees its status (5.1.10)
+        assert [w.watcher for w in await alice.watchers()] == [BOB]
+        assert [(s.presentity, s.state) for s in await bob.subscriptions()] == [(ALICE, SubscriptionState.ACTIVE)]
+        # no third party can see (5.1.2) or cancel (5.1.8) it
+        assert (await carol.request(Code.GET, f"/w/{ALICE}")).code == Code.FORBIDDEN
+        assert (await carol.request(Code.GET, f"/s/{BOB}")).code == Code.FORBIDDEN
+        assert (await carol.request(Code.DELETE, f"/w/{ALICE}?u={BOB}")).code == Code.FORBIDDEN
+        assert [w.watcher for w in await alice.watchers()] == [BOB]
+        # B cancels A's subscription at will (5.1.16); A is told (5.1.9)
+        await alice.cancel_watcher(BOB)
+        await eventually(lambda: _true(watch.ended is not None))
+        assert watch.ended is not None and watch.ended.code == Code.FORBIDDEN and "cancelled" in watch.ended.diagnostic
+        assert await alice.watchers() == []
+        assert [(s.presentity, s.state) for s in await bob.subscriptions()] == [
+            (ALICE, SubscriptionState.CANCELLED_BY_PRESENTITY)
+        ]
+        assert (await alice.request(Code.DELETE, f"/w/{ALICE}?u={BOB}")).code == Code.NOT_FOUND
+    finally:
+        await watch.stop()
+
+
+async def test_administrator_powers_and_limits(device: MakeDevice) -> None:
+    """An administrator manages rules and subscriptions; it cannot read inboxes,
+    publish for others or send as others."""
+    alice, bob, admin = await device(ALICE), await device(BOB), await device(ADMIN)
+    await alice.publish(FULL)
+    await bob.send(ALICE, "private")
+    watch = Watch(bob, ALICE)
+    try:
+        await eventually(lambda: _true(len(watch.docs) == 1))
+        assert [w.watcher for w in await admin.watchers(ALICE)] == [BOB]
+        await admin.cancel_watcher(BOB, user=ALICE)
+        await eventually(lambda: _true(watch.ended is not None))
+        states = {s.presentity: s.state for s in await bob.subscriptions()}
+        assert states[ALICE] is SubscriptionState.CANCELLED_BY_ADMINISTRATOR
+    finally:
+        await watch.stop()
+    assert (await admin.request(Code.GET, f"/i/{ALICE}")).code == Code.FORBIDDEN
+    assert (await admin.request(Code.GET, f"/o/{ALICE}")).code == Code.FORBIDDEN
+    publish = codec.encode_presence(PresenceDocument(Status.CLOSED), for_publish=True)
+    assert (await admin.request(Code.PUT, f"/p/{ALICE}", publish)).code == Code.FORBIDDEN
+    # an administrator is subject to the presentity's rules like any watcher
+    await alice.put_rules(AccessRules(refused=(ADMIN,)))
+    assert (await admin.request(Code.GET, f"/p/{ALICE}")).code == Code.FORBIDDEN
+    assert (await bob.request(Code.GET, f"/w/{ALICE}")).code == Code.FORBIDDEN  # bob is no administrator
+
+
+# -- attacks on real traffic ---------------------------------------------------------------------
+
+
+async def test_third_party_context_cannot_act_for_another(device: MakeDevice) -> None:
+    alice, bob, carol = await device(ALICE), await device(BOB), await device(CAROL)
+    await bob.send(ALICE, "for alice only")
+    publish = codec.encode_presence(PresenceDocument(Status.OPEN, note="spoof"), for_publish=True)
+    assert (await carol.request(Code.PUT, f"/p/{BOB}", publish)).code == Code.FORBIDDEN
+    assert (await carol.request(Code.GET, f"/i/{ALICE}")).code == Code.FORBIDDEN
+    assert (await carol.request(Code.GET, f"/o/{BOB}")).code == Code.FORBIDDEN
+    assert (await carol.request(Code.PUT, f"/k/{BOB}", cbor2.dumps({0: b"k"}))).code == Code.FORBIDDEN
+    assert (await bob.fetch_presence(BOB)).note is None
+    assert [m.message.payload for m in (await alice.fetch_inbox()).messages] == [b"for alice only"]
+
+
+async def test_replayed_protected_request_is_rejected(gateway: Gateway, device: MakeDevice, tmp_path: Path) -> None:
+    """5.4.x / 2.5.2: a captured OSCORE request re-sent (with a fresh message id, so the
+    CoAP duplicate cache does not answer it) is refused and has no second effect."""
+    bob = await device(BOB)
+    creds = keystore_of(gateway).provision(ALICE, tmp_path / "raw", "coap://unused")
+    raw = RawDevice(gateway.port, creds.context_dir)
+    try:
+        body = codec.encode_message(InstantMessage(MessageId(b"r1"), ALICE, BOB, b"pay 10"), include_from=False)
+        captured = raw.datagram(Message(code=Code.POST, uri_path=["i", BOB], payload=body), b"\x01")
+        await raw.send_raw(captured)
+        assert (await raw.receive(b"\x01")).code == Code.CREATED
+        replay = bytearray(captured)
+        replay[2:4] = (0xBEEF).to_bytes(2, "big")  # new message id, same protected content
+        await raw.send_raw(bytes(replay))
+        answer = Message.decode(await asyncio.wait_for(asyncio.get_running_loop().sock_recv(raw.sock, 2048), 5))
+        assert answer.code == Code.UNAUTHORIZED and b"Replay" in answer.payload
+    finally:
+        raw.close()
+    assert [m.message.payload for m in (await bob.fetch_inbox()).messages] == [b"pay 10"]
+
+
+async def test_flipped_bit_is_rejected(gateway: Gateway, device: MakeDevice, tmp_path: Path) -> None:
+    """2.5.1 / 5.4.7: any change to the protected payload is detected; nothing is stored."""
+    bob = await device(BOB)
+    creds = keystore_of(gateway).provision(ALICE, tmp_path / "raw", "coap://unused")
+    raw = RawDevice(gateway.port, creds.context_dir)
+    try:
+        body = codec.encode_message(InstantMessage(MessageId(b"b1"), ALICE, BOB, b"pay 10"), include_from=False)
+        datagram = bytearray(raw.datagram(Message(code=Code.POST, uri_path=["i", BOB], payload=body), b"\x02"))
+        datagram[-3] ^= 0x01  # inside the ciphertext
+        await raw.send_raw(bytes(datagram))
+        answer = Message.decode(await asyncio.wait_for(asyncio.get_running_loop().sock_recv(raw.sock, 2048), 5))
+        assert answer.code.is_successful() is False and answer.code in (Code.BAD_REQUEST, Code.BAD_OPTION)
+    finally:
+        raw.close()
+    assert (await bob.fetch_inbox()).messages == []
+
+
+async def test_unknown_or_revoked_key_is_refused(gateway: Gateway, device: MakeDevice, tmp_path: Path) -> None:
+    alice = await device(ALICE)
+    await alice.publish(FULL)
+    creds = keystore_of(gateway).provision(CAROL, tmp_path / "raw", "coap://unused")
+    raw = RawDevice(gateway.port, creds.context_dir)
+    try:
+        ok = await raw.exchange(Message(code=Code.GET, uri_path=["p", ALICE]), b"\x03")
+        assert ok.code == Code.CONTENT
+        assert keystore_of(gateway).revoke(CAROL) == [creds.kid]
+        await raw.send_raw(raw.datagram(Message(code=Code.GET, uri_path=["p", ALICE]), b"\x04"))
+        answer = Message.decode(await asyncio.wait_for(asyncio.get_running_loop().sock_recv(raw.sock, 2048), 5))
+        assert answer.code == Code.UNAUTHORIZED and answer.opt.oscore is None
+    finally:
+        raw.close()
+
+
+async def test_spoofed_notification_is_detected(gateway: Gateway, device: MakeDevice, tmp_path: Path) -> None:
+    """5.2.4 / 5.3.3: a notification about alice that did not come from the gateway
+    (same token, forged content) fails OSCORE verification at the watcher."""
+    from aiocoap.oscore import ProtectionInvalid
+
+    alice = await device(ALICE)
+    await alice.publish(FULL)
+    creds = keystore_of(gateway).provision(BOB, tmp_path / "raw", "coap://unused")
+    raw = RawDevice(gateway.port, creds.context_dir)
+    try:
+        await raw.send_raw(raw.datagram(Message(code=Code.GET, observe=0, uri_path=["p", ALICE]), b"\x05"))
+        genuine_bytes = await asyncio.wait_for(asyncio.get_running_loop().sock_recv(raw.sock, 2048), 5)
+        genuine = Message.decode(genuine_bytes)
+        forged = Message.decode(genuine_bytes)
+        forged.payload = bytes(genuine.payload[:-1]) + bytes([genuine.payload[-1] ^ 0x80])
+        with pytest.raises(ProtectionInvalid):
+            assert raw.security is not None
+            raw.security.unprotect(forged, raw.request_ids[b"\x05"])
+        assert raw.security is not None
+        inner, _ = raw.security.unprotect(genuine, raw.request_ids[b"\x05"])
+        assert codec.decode_presence_view(inner.payload).note == "in the lab"
+    finally:
+        raw.close()
+
+
+async def test_no_ip_addresses_are_disclosed(device: MakeDevice) -> None:
+    """5.1.17, 5.1.18, 5.2.5, 5.2.6, 5.4.5: principals see identities, never addresses."""
+    alice, bob = await device(ALICE), await device(BOB)
+    await alice.publish(FULL)
+    await bob.send(ALICE, "hi")
+    watch = Watch(bob, ALICE)
+    try:
+        await eventually(lambda: _true(len(watch.docs) == 1))
+        payloads = [
+            (await alice.request(Code.GET, f"/w/{ALICE}")).payload,
+            (await bob.request(Code.GET, f"/s/{BOB}")).payload,
+            (await bob.request(Code.GET, f"/p/{ALICE}")).payload,
+            (await alice.request(Code.GET, f"/i/{ALICE}")).payload,
+            (await bob.request(Code.GET, f"/o/{BOB}")).payload,
+        ]
+    finally:
+        await watch.stop()
+    for payload in payloads:
+        assert b"127.0.0.1" not in payload and b"::1" not in payload and b"\x7f\x00\x00\x01" not in payload
+
+
+async def test_signed_and_encrypted_im_through_the_gateway(gateway: Gateway, device: MakeDevice) -> None:
+    """5.4.9 (A signs M), 5.4.3 (B verifies A sent it), 5.4.6 (no C, not even the gateway,
+    reads M), 5.4.7 (tampering detected): keys published at /k, COSE on the payload."""
+    from gateway import e2e
+
+    alice, bob = await device(ALICE), await device(BOB)
+    a_sign, a_agree = e2e.SigningKey.generate(), e2e.AgreementKey.generate()
+    b_sign, b_agree = e2e.SigningKey.generate(), e2e.AgreementKey.generate()
+    await alice.publish_keys(e2e.KeyBundle.of(a_sign, a_agree).encode())
+    await bob.publish_keys(e2e.KeyBundle.of(b_sign, b_agree).encode())
+
+    # Alice fetches Bob's published keys and seals (signs, then encrypts) for him.
+    bob_bundle = e2e.KeyBundle.decode(await alice.fetch_keys(BOB))
+    secret = b"the door code is 4711"
+    sealed = e2e.seal(secret, a_sign, a_agree, bob_bundle)
+    await alice.send(BOB, sealed, content_format=e2e.CONTENT_FORMAT_COSE_ENCRYPT0)
+    signed = a_sign.sign(b"signed, not secret")
+    await alice.send(BOB, signed, content_format=e2e.CONTENT_FORMAT_COSE_SIGN1)
+
+    # The gateway's store holds ciphertext only.
+    stored, _ = await gateway.service.fetch_inbox(BOB, BOB, 0, 4096)
+    assert all(secret not in q.message.payload for q in stored)
+
+    alice_bundle = e2e.KeyBundle.decode(await bob.fetch_keys(ALICE))
+    first, second = (await bob.fetch_inbox()).messages
+    assert first.message.content_format == e2e.CONTENT_FORMAT_COSE_ENCRYPT0
+    assert e2e.open_sealed(first.message.payload, alice_bundle, b_agree) == secret
+    assert e2e.verify(second.message.payload, alice_bundle.signing) == b"signed, not secret"
+    tampered = bytearray(second.message.payload)
+    tampered[-1] ^= 1
+    with pytest.raises(e2e.VerificationError):
+        e2e.verify(bytes(tampered), alice_bundle.signing)
+    # keys are public, but only their owner may replace them
+    anyone_else = await device(CAROL)
+    assert await anyone_else.fetch_keys(ALICE) == e2e.KeyBundle.of(a_sign, a_agree).encode()
+    assert (await anyone_else.request(Code.PUT, f"/k/{ALICE}", e2e.KeyBundle.of(b_sign, b_agree).encode())).code == (
+        Code.FORBIDDEN
+    )
