@@ -7,6 +7,7 @@ import hashlib
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
+import cbor2
 import pytest
 import zstandard
 from aiocoap import Code
@@ -36,9 +37,10 @@ def test_training_is_reproducible(tmp_path: Path) -> None:
     train.main(["--out", str(tmp_path)])
     shipped = Path(train.__file__).parent
     for name in ("presence-v1.zdict", "im-v1.zdict", "corpus-presence.cborseq", "corpus-im.cborseq"):
-        assert hashlib.sha256((tmp_path / name).read_bytes()).digest() == hashlib.sha256(
-            (shipped / name).read_bytes()
-        ).digest(), name
+        assert (
+            hashlib.sha256((tmp_path / name).read_bytes()).digest()
+            == hashlib.sha256((shipped / name).read_bytes()).digest()
+        ), name
 
 
 def test_round_trip_magicless_and_smaller_for_typical_presence() -> None:
@@ -118,8 +120,10 @@ async def _true(value: bool) -> bool:
 async def test_unknown_dictionary_falls_back_to_plain(device: MakeDevice) -> None:
     """A device holding a dictionary the gateway lacks: 4.15 / 4.06, then plain CBOR."""
     alice = await device(ALICE)
-    data = zstandard.train_dictionary(1024, [codec.encode_presence(PresenceDocument(Status.OPEN, note=f"n{i}"),
-                                                                   for_publish=True) * 3 for i in range(400)])
+    data = zstandard.train_dictionary(
+        1024,
+        [codec.encode_presence(PresenceDocument(Status.OPEN, note=f"n{i}"), for_publish=True) * 3 for i in range(400)],
+    )
     foreign = DictionaryRegistry([Dictionary(77, "presence", 9, data.as_bytes())])
     alice.enable_compression(foreign)
     raw = await alice.request(Code.GET, f"/p/{ALICE}", accept=COMPRESSED_BASE + 77)
@@ -127,3 +131,65 @@ async def test_unknown_dictionary_falls_back_to_plain(device: MakeDevice) -> Non
     await alice.publish(PresenceDocument(Status.OPEN, note="falls back"))
     assert (await alice.fetch_presence(ALICE)).note == "falls back"
     assert "presence" in alice._refused
+
+
+def test_presence_patch_round_trip_and_gap() -> None:
+    from gateway.core.model import Contact
+
+    old = PresenceDocument(
+        Status.OPEN,
+        note="in a meeting",
+        contact=Contact(tel="+49 30 123456", email="a@b.org"),
+        extensions={"battery": 80, "geo": [52.52, 13.4]},
+        timestamp=1000,
+        version=7,
+    )
+    new = PresenceDocument(
+        Status.CLOSED, note=None, contact=old.contact, extensions=old.extensions, timestamp=1060, version=8
+    )
+    patch = codec.presence_patch(codec.encode_presence(old), codec.encode_presence(new), 7)
+    assert patch is not None and len(patch) < len(codec.encode_presence(new)) / 2
+    assert codec.apply_presence_patch(old, patch) == new
+    stale = PresenceDocument(Status.OPEN, version=6)
+    assert codec.apply_presence_patch(stale, patch) is None  # a gap: fetch the whole document
+    with pytest.raises(CodecError, match="base"):
+        codec.decode_presence(patch)  # a patch is never a publishable document
+
+
+async def test_delta_notifications_and_resync_after_a_gap(device: MakeDevice) -> None:
+    from gateway.core.model import Contact
+
+    alice, bob = await device(ALICE), await device(BOB)
+    rich = dict(
+        contact=Contact(tel="+49 30 123456", email="alice@example.org", adr="Berlin"),
+        extensions={"battery": 80, "geo": [52.52, 13.4]},
+    )
+    await alice.publish(PresenceDocument(Status.OPEN, note="here", **rich))  # type: ignore[arg-type]
+    seen: list[PresenceDocument] = []
+
+    async def watch() -> None:
+        async for doc in bob.watch(ALICE, delta=True):
+            seen.append(doc)
+
+    task = asyncio.create_task(watch())
+    try:
+        await eventually(lambda: _true(len(seen) == 1))
+        for note in ("one", "two"):
+            await alice.publish(PresenceDocument(Status.OPEN, note=note, **rich))  # type: ignore[arg-type]
+            await eventually(lambda n=note: _true(seen[-1].note == n))  # type: ignore[misc]
+        assert seen[-1] == await bob.fetch_presence(ALICE)
+        assert bob.resyncs == 0
+        # On the wire: the notification is a patch (key 8) and smaller than the document.
+        carol = await device("carol@example.org")
+        from aiocoap import Message
+
+        observation = carol.context.request(Message(code=Code.GET, uri=f"{carol.base}/p/{ALICE}?d", observe=0))
+        full = await observation.response
+        await alice.publish(PresenceDocument(Status.CLOSED, note="two", **rich))  # type: ignore[arg-type]
+        notification = await asyncio.wait_for(observation.observation.__aiter__().__anext__(), 5)
+        patch = cbor2.loads(notification.payload)
+        assert patch[8] == codec.decode_presence_view(full.payload).version
+        assert len(notification.payload) < len(full.payload) / 2
+        observation.observation.cancel()
+    finally:
+        task.cancel()

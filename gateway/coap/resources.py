@@ -261,9 +261,10 @@ class PresenceResource(PerUserResource):
         self._observation_by_request: dict[int, Any] = {}
         self._verdict_of_first_render: dict[int, Verdict] = {}
         self._end_reason: dict[int, SubscriptionState] = {}
+        self._last_sent: dict[int, tuple[bytes, int]] = {}  # delta watchers: request id -> (body, version)
 
     async def do_get(self, user: UserId, request: Message) -> Message:
-        _query(request, set())
+        query = _query(request, {"d"})
         subscribing = request.opt.observe == 0
         # A deregistration (Observe 1) is subscription business too.
         kind = ReadKind.FETCH if request.opt.observe is None else ReadKind.SUBSCRIBE
@@ -282,7 +283,18 @@ class PresenceResource(PerUserResource):
         max_age = presence.max_age(doc, self.service.now())
         if tag in request.opt.etags and request.opt.observe is None:
             return Message(code=Code.VALID, etag=tag, max_age=max_age)
+        if subscribing and "d" in query:
+            return self.respond(request, self._delta(request, body, doc.version), etag=tag, max_age=max_age)
         return self.respond(request, body, etag=tag, max_age=max_age)
+
+    def _delta(self, request: Message, body: bytes, version: int) -> bytes:
+        """For a watcher that asked for deltas (``?d``): a patch against what it was
+        last sent, when smaller; the watcher resyncs with a GET after a gap."""
+        previous = self._last_sent.get(id(request))
+        self._last_sent[id(request)] = (body, version)
+        if previous is None or previous[1] == version:
+            return body
+        return codec.presence_patch(previous[0], body, previous[1]) or body
 
     def observation_started(self, user: UserId, request: Message, serverobservation: Any) -> None:
         verdict = self._verdict_of_first_render.pop(id(request), Verdict.GRANTED)
@@ -298,12 +310,15 @@ class PresenceResource(PerUserResource):
         for request_id, obs in list(self._observation_by_request.items()):
             if obs is serverobservation:
                 del self._observation_by_request[request_id]
+                self._last_sent.pop(request_id, None)
         reason = self._end_reason.pop(id(serverobservation), None)
         self.subscriptions.end(id(serverobservation), reason, self.service.now())
         self.on_watch_change(user, requester)
 
     def refused(self, request: Message, err: GatewayError) -> None:
         self._verdict_of_first_render.pop(id(request), None)
+        if id(request) not in self._observation_by_request:
+            self._last_sent.pop(id(request), None)
         obs = self._observation_by_request.get(id(request))
         if obs is not None:
             # A notification's re-render was refused: the rules changed under it.

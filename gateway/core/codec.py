@@ -53,6 +53,7 @@ class PresenceKey(IntEnum):
     VERSION = 5  # set by the gateway
     LEASE = 6
     OUT_OF_CONTACT = 7  # set by the gateway
+    BASE = 8  # in a delta notification only: the version this patch applies to
 
 
 class ContactKey(IntEnum):
@@ -193,6 +194,8 @@ def decode_presence(data: bytes) -> PresenceDocument:
     """Decode a published presence document (publisher's fields; gateway-set ones are ignored)."""
     body = _map(_loads(data), "presence")
     _check_keys(body, PresenceKey, "presence")
+    if PresenceKey.BASE in body:
+        raise CodecError("presence: key 8 (base) belongs to delta notifications only")
     if PresenceKey.STATUS not in body:
         raise CodecError("presence: status (key 0) is required")
     status_value = _uint(body[PresenceKey.STATUS], "status", 1)
@@ -232,6 +235,37 @@ def decode_presence_view(data: bytes) -> PresenceDocument:
         version=_uint(body.get(PresenceKey.VERSION, 0), "version", 2**63),
         out_of_contact=bool(body.get(PresenceKey.OUT_OF_CONTACT, False)),
     )
+
+
+def presence_patch(previous: bytes, current: bytes, base_version: int) -> bytes | None:
+    """A delta notification taking a watcher from ``previous`` (the body it was last
+    sent, of version ``base_version``) to ``current``: changed and new keys with their
+    values, removed keys as null, and key 8 naming the base. None when the full
+    document is no larger."""
+    old, new = cbor2.loads(previous), cbor2.loads(current)
+    patch: dict[int, Any] = {k: v for k, v in new.items() if old.get(k) != v}
+    patch.update({k: None for k in old if k not in new})
+    patch[int(PresenceKey.BASE)] = base_version
+    encoded = _dumps(patch)
+    return encoded if len(encoded) < len(current) else None
+
+
+def apply_presence_patch(current: PresenceDocument, data: bytes) -> PresenceDocument | None:
+    """Watcher side: the document after a notification that may be a delta. None when
+    it is a delta against a version the watcher does not have: fetch the whole document
+    (a gap: a notification was lost or merged)."""
+    body = _map(_loads(data), "presence")
+    if PresenceKey.BASE not in body:
+        return decode_presence_view(data)
+    if body.pop(PresenceKey.BASE) != current.version:
+        return None
+    full = {k: v for k, v in _map(_loads(encode_presence(current)), "presence").items()}
+    for key, value in body.items():
+        if value is None:
+            full.pop(key, None)
+        else:
+            full[key] = value
+    return decode_presence_view(_dumps(full))
 
 
 def _contact_map(contact: Contact) -> dict[int, str]:
