@@ -210,7 +210,7 @@ def test_cli_run_smoke(tmp_path: Path) -> None:
             sys.executable, "-m", "device_sim", "run", "--devices", "4", "--profile", "lan", "--duration", "3",
             "--seed", "3", "--im-interval", "0.5", "--out", str(out),
         ],
-        cwd=REPO, capture_output=True, text=True, timeout=60, check=False,
+        cwd=REPO, capture_output=True, text=True, timeout=180, check=False,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
