@@ -1,4 +1,4 @@
-"""Command line: ``python -m device_sim demo`` and ``python -m device_sim run``."""
+"""Command line: ``python -m device_sim demo``, ``python -m device_sim run`` and ``python -m device_sim tun``."""
 
 from __future__ import annotations
 
@@ -23,6 +23,10 @@ def main(argv: list[str] | None = None) -> int:
 
     add_run_arguments(run_cmd)
     run_cmd.add_argument("-v", "--verbose", action="store_true", help="log aiocoap and gateway warnings")
+    tun_cmd = sub.add_parser("tun", help="packet-level link between two network namespaces (root; JSON lines)")
+    from .tun import add_tun_arguments, tun_cli
+
+    add_tun_arguments(tun_cmd)
     args = parser.parse_args(argv)
     if args.command == "demo":
         return demo.main(args.port, args.store)
@@ -34,6 +38,8 @@ def main(argv: list[str] | None = None) -> int:
             logging.getLogger("coap").setLevel(logging.ERROR)
             logging.getLogger("aiocoap").setLevel(logging.ERROR)
         return run_cli(args)
+    if args.command == "tun":
+        return tun_cli(args)
     return 2
 
 

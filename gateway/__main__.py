@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import errno
 import logging
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -20,6 +22,22 @@ from .store import open_store
 
 DEFAULT_STORE = "sqlite:var/gateway.db"
 DEFAULT_KEYS = "var/keys"
+
+
+def _port_taken(host: str, port: int) -> bool:
+    """aiocoap binds with SO_REUSEPORT, so a second gateway on a busy port would start
+    and silently split the traffic with the first. Probe without it first."""
+    if port == 0:
+        return False
+    family = socket.AF_INET if host.count(".") == 3 else socket.AF_INET6
+    with socket.socket(family, socket.SOCK_DGRAM) as probe:
+        if family == socket.AF_INET6:
+            probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            return exc.errno == errno.EADDRINUSE
+    return False
 
 
 async def _serve(args: argparse.Namespace) -> None:
@@ -84,7 +102,9 @@ def _supervise_workers(argv: list[str], workers: int) -> int:
     if "--workers" in argv:
         index = argv.index("--workers")
         child_argv = argv[:index] + argv[index + 2 :]
-    children = [subprocess.Popen([sys.executable, "-m", "gateway", *child_argv]) for _ in range(workers)]
+    children = [
+        subprocess.Popen([sys.executable, "-m", "gateway", *child_argv, "--shared-port"]) for _ in range(workers)
+    ]
 
     def forward(signum: int, _frame: object) -> None:
         for child in children:
@@ -114,6 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument(
         "--bus", default=None, help="change events shared with other gateway processes: redis://host:port/db"
     )
+    serve.add_argument("--shared-port", action="store_true", help=argparse.SUPPRESS)  # set for --workers children
     serve.add_argument(
         "--workers",
         type=int,
@@ -153,6 +174,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "serve":
             args.domain = args.domain or ["example.org"]
+            host, port = parse_bind(args.bind)
+            if not args.shared_port and _port_taken(host, port):
+                print(f"error: udp port {port} is in use on {host}", file=sys.stderr)
+                return 2
             if args.workers > 1:
                 if not args.bus:
                     print("error: --workers needs --bus redis://... to share change events", file=sys.stderr)
