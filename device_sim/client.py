@@ -24,6 +24,7 @@ from typing import Any
 import aiocoap
 from aiocoap import Code, Message
 from aiocoap.numbers.constants import TransportTuning
+from aiocoap.proxy.client import ProxyForwarder
 
 from gateway.core import codec
 from gateway.core.access import ANONYMOUS, AccessRules
@@ -86,6 +87,7 @@ class DeviceClient:
         self.dictionaries: DictionaryRegistry | None = None
         self._refused: set[str] = set()  # message classes the gateway has no dictionary for
         self.resyncs = 0  # delta notifications that did not apply (gaps): whole document fetched
+        self.requester: Any = context  # the context itself, or a ProxyForwarder around it
 
     @classmethod
     async def create(
@@ -95,16 +97,23 @@ class DeviceClient:
         timeout: float = DEFAULT_TIMEOUT,
         credentials: Path | dict[str, Any] | None = None,
         tuning: TransportTuning | None = None,
+        proxy: str | None = None,
     ) -> DeviceClient:
         """A device of ``user``; with ``credentials`` (a credentials JSON file as written
         by ``python -m gateway provision``, or its content) every request is OSCORE
         protected, otherwise the device is anonymous. ``tuning`` (optional) sets the
-        CoAP transmission parameters of this client's requests."""
-        context = await aiocoap.Context.create_client_context(transports=["oscore", "udp6"])
+        CoAP transmission parameters of this client's requests. ``proxy`` (a URI such
+        as ``coap://127.0.0.1:5690``) sends every request through a CoAP forward proxy;
+        OSCORE stays end to end between device and gateway. The gateway URI may use
+        ``coap+tcp://`` or ``coap+ws://`` where UDP is blocked."""
+        context = await aiocoap.Context.create_client_context(transports=["oscore", "udp6", "tcpclient", "ws"])
         if credentials is not None:
             data = json.loads(Path(credentials).read_text()) if isinstance(credentials, Path) else credentials
             context.client_credentials.load_from_dict(data)
-        return cls(context, gateway, user, timeout, tuning)
+        client = cls(context, gateway, user, timeout, tuning)
+        if proxy is not None:
+            client.requester = ProxyForwarder(proxy, context)
+        return client
 
     async def close(self) -> None:
         if not self._closed:
@@ -121,7 +130,7 @@ class DeviceClient:
         # No Content-Format option for plain CBOR: the gateway takes its absence as CBOR
         # (60), and the option would cost 2 bytes in every request.
         msg = self.message(code=code, uri=self.base + path, payload=payload, **options)
-        response: Message = await asyncio.wait_for(self.context.request(msg).response, self.timeout)
+        response: Message = await asyncio.wait_for(self.requester.request(msg).response, self.timeout)
         return response
 
     async def _ok(self, code: Code, path: str, payload: bytes = b"", **options: object) -> Message:
@@ -187,7 +196,9 @@ class DeviceClient:
         it sent; after a gap (a lost or merged notification) the patch does not apply
         and the whole document is fetched again."""
         query = "?d" if delta else ""
-        request = self.context.request(self.message(code=Code.GET, uri=f"{self.base}/p/{presentity}{query}", observe=0))
+        request = self.requester.request(
+            self.message(code=Code.GET, uri=f"{self.base}/p/{presentity}{query}", observe=0)
+        )
         first = await asyncio.wait_for(request.response, self.timeout)
         if not first.code.is_successful():
             raise RequestFailed(first.code, first.payload.decode("utf-8", "replace"))
@@ -246,7 +257,7 @@ class DeviceClient:
         acknowledged), so messages at or below the highest seq already yielded are
         dropped here: the application sees each message once. When a notification
         says ``more``, the rest is fetched with the cursor."""
-        request = self.context.request(self.message(code=Code.GET, uri=f"{self.base}/i/{self.user}", observe=0))
+        request = self.requester.request(self.message(code=Code.GET, uri=f"{self.base}/i/{self.user}", observe=0))
         first = await asyncio.wait_for(request.response, self.timeout)
         if not first.code.is_successful():
             raise RequestFailed(first.code, first.payload.decode("utf-8", "replace"))

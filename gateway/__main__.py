@@ -49,6 +49,7 @@ async def _serve(args: argparse.Namespace) -> None:
         keys=keys,
         admins=args.admin or (),
         bus=args.bus,
+        transports=args.transports.split(","),
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -133,6 +134,11 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--admin", action="append", metavar="USER@DOMAIN", help="an administrator (repeatable)")
     serve.add_argument(
         "--bus", default=None, help="change events shared with other gateway processes: redis://host:port/db"
+    )
+    serve.add_argument(
+        "--transports",
+        default="udp",
+        help="comma-separated: udp (always), tcp (CoAP over TCP on the same port), ws (WebSockets on port+3000)",
     )
     serve.add_argument("--shared-port", action="store_true", help=argparse.SUPPRESS)  # set for --workers children
     serve.add_argument(

@@ -73,6 +73,21 @@ class _BadUtf8Containment:
             self.loop.set_exception_handler(self.previous)
 
 
+# Our names for transports -> aiocoap's. UDP is the default; CoAP over TCP and over
+# WebSockets (RFC 8323) are for networks that block UDP. aiocoap binds WebSockets to
+# the given port + 3000 (8683 for 5683).
+TRANSPORTS = {"udp": "udp6", "tcp": "tcpserver", "ws": "ws"}
+WS_PORT_OFFSET = 3000
+
+
+def aiocoap_transports(names: Iterable[str]) -> list[str]:
+    chosen = list(dict.fromkeys(names))
+    unknown = [n for n in chosen if n not in TRANSPORTS]
+    if unknown or "udp" not in chosen:
+        raise ValueError(f"transports must include udp and be among {', '.join(TRANSPORTS)}; got {chosen}")
+    return [TRANSPORTS[n] for n in chosen]
+
+
 def parse_bind(text: str) -> tuple[str, int]:
     """``HOST:PORT``, ``[v6]:PORT`` or ``HOST`` -> (host, port)."""
     if text.startswith("["):
@@ -111,6 +126,7 @@ class Gateway:
         clock: Callable[[], float] = time.time,
         sweep_interval: float = 1.0,
         bus: str | None = None,
+        transports: Iterable[str] = ("udp",),
     ) -> Gateway:
         """Start serving. With ``keys`` (the OSCORE key store) requests protected by a
         provisioned context carry that principal's identity; unprotected ones are
@@ -144,7 +160,7 @@ class Gateway:
         counters = Counters()
         containment = _BadUtf8Containment(asyncio.get_running_loop(), counters)
         context = await aiocoap.Context.create_server_context(
-            root, bind=bind, transports=["udp6"], server_credentials=credentials
+            root, bind=bind, transports=aiocoap_transports(transports), server_credentials=credentials
         )
         gateway = cls(service, context, the_store, resources, credentials, root, event_bus, counters, sweep_interval)
         gateway._containment = containment

@@ -47,7 +47,6 @@ class PresenceView:
 
     document: PresenceDocument
     verdict: Verdict
-    filtered: bool = False  # not the whole document: its ETag must differ from the full one's
 
 
 class ChangeListener(Protocol):
@@ -204,10 +203,8 @@ class GatewayService:
             raise Unauthorized("authenticate (OSCORE) to see this presence")
         doc = await self.store.get_presence(user) or PresenceDocument()
         if decision.verdict is Verdict.POLITELY_BLOCKED:
-            return PresenceView(access.polite_view(doc), decision.verdict, filtered=True)
-        return PresenceView(
-            access.apply_view(doc, decision.view), decision.verdict, filtered=decision.view != access.FULL_VIEW
-        )
+            return PresenceView(access.polite_view(doc), decision.verdict)
+        return PresenceView(access.apply_view(doc, decision.view), decision.verdict)
 
     async def fetch_presence(self, user: UserId) -> PresenceDocument:
         """The stored document, unfiltered (for the gateway itself, not for requesters)."""
@@ -231,7 +228,11 @@ class GatewayService:
         await self._authorize_publish(user, requester)
         async with self._presence_locks[user]:
             previous = await self.store.get_presence(user)
-            if if_match is not None and presence.etag(previous or PresenceDocument()) not in if_match:
+            current = previous or PresenceDocument()
+            if (
+                if_match is not None
+                and presence.representation_etag(current, codec.encode_presence(current)) not in if_match
+            ):
                 raise PreconditionFailed("presence changed since that version")
             doc = presence.apply_publish(previous, published, self.now())
             await self.store.put_presence(user, doc, presence.lease_deadline(doc))

@@ -44,8 +44,8 @@ async def start_gateway(db: Path, clock: Callable[[], float], **kwargs: object) 
     """A gateway with an OSCORE key store beside its database and root@ as administrator."""
     kwargs.setdefault("keys", KeyStore(db.parent / "keys"))
     kwargs.setdefault("admins", [ADMIN])
+    kwargs.setdefault("bind", ("127.0.0.1", 0))
     gateway = await Gateway.start(
-        bind=("127.0.0.1", 0),
         store=f"sqlite:{db}",
         domains=["example.org"],
         clock=clock,

@@ -13,7 +13,7 @@ from aiocoap import Code, Message
 
 from device_sim.client import DeviceClient, RequestFailed
 from gateway.app import Gateway
-from gateway.core import codec
+from gateway.core import codec, presence
 from gateway.core.access import AccessRules
 from gateway.core.model import Contact, PresenceDocument, Status
 
@@ -47,19 +47,21 @@ async def test_publish_then_fetch_keeps_all_fields(device: MakeDevice, clock: Ma
         {"mood": "calm", 900: [1, 2]},
         120,
     )
-    assert got.timestamp == int(clock.now) and got.version == 1 and etag == b"\x01"
+    assert got.timestamp == int(clock.now) and got.version == 1
+    # ETag: the version, then two bytes of a hash of the representation
+    assert etag == b"\x01" + presence.representation_tag(codec.encode_presence(got))
 
 
 async def test_etag_revalidation_and_max_age(gateway: Gateway, device: MakeDevice) -> None:
     alice, bob = await device(ALICE), await device(BOB)
     await alice.publish(PresenceDocument(Status.OPEN, lease=30))
     first = await bob.request(Code.GET, f"/p/{ALICE}")
-    assert first.opt.max_age == 30 and first.opt.etag == b"\x01"
+    assert first.opt.max_age == 30 and first.opt.etag == b"\x01" + presence.representation_tag(first.payload)
     again = await bob.request(Code.GET, f"/p/{ALICE}", etags=[first.opt.etag])
     assert again.code == Code.VALID and again.payload == b""
     await alice.publish(PresenceDocument(Status.CLOSED))
     changed = await bob.request(Code.GET, f"/p/{ALICE}", etags=[first.opt.etag])
-    assert changed.code == Code.CONTENT and changed.opt.etag == b"\x02"
+    assert changed.code == Code.CONTENT and changed.opt.etag == b"\x02" + presence.representation_tag(changed.payload)
 
 
 async def test_every_change_is_notified_to_every_watcher(device: MakeDevice) -> None:
@@ -238,7 +240,7 @@ async def test_if_match_publishes_only_over_the_version_seen(device: MakeDevice)
     first = await alice.publish(PresenceDocument(Status.OPEN, note="v1"))
     body = codec.encode_presence(PresenceDocument(Status.OPEN, note="v2"), for_publish=True)
     ok = await alice.request(Code.PUT, f"/p/{ALICE}", body, if_match=[first])
-    assert ok.code == Code.CHANGED and ok.opt.etag == b"\x02"
+    assert ok.code == Code.CHANGED and ok.opt.etag[:1] == b"\x02" and ok.opt.etag != first
     stale = await alice.request(Code.PUT, f"/p/{ALICE}", body, if_match=[first])
     assert stale.code == Code.PRECONDITION_FAILED
     assert (await alice.fetch_presence(ALICE)).note == "v2"

@@ -143,9 +143,7 @@ async def test_fetch_and_subscribe_are_controlled_separately(device: MakeDevice)
 async def test_per_watcher_views_apply_to_fetch_and_notification(device: MakeDevice) -> None:
     """2.3.3 / 5.2.3: what each watcher sees, whether fetched or notified."""
     alice, bob, carol = await device(ALICE), await device(BOB), await device(CAROL)
-    await alice.put_rules(
-        AccessRules(views={BOB: View(Field.NOTE | Field.TEL), CAROL: View(Field(0), note="busy")})
-    )
+    await alice.put_rules(AccessRules(views={BOB: View(Field.NOTE | Field.TEL), CAROL: View(Field(0), note="busy")}))
     await alice.publish(FULL)
     bob_sees, carol_sees = await bob.fetch_presence(ALICE), await carol.fetch_presence(ALICE)
     assert (bob_sees.note, bob_sees.contact, dict(bob_sees.extensions)) == ("in the lab", Contact(tel="+1 555"), {})
@@ -502,3 +500,13 @@ async def test_signed_and_encrypted_im_through_the_gateway(gateway: Gateway, dev
     assert (await anyone_else.request(Code.PUT, f"/k/{ALICE}", e2e.KeyBundle.of(b_sign, b_agree).encode())).code == (
         Code.FORBIDDEN
     )
+
+
+async def test_polite_block_etag_gives_nothing_away(device: MakeDevice) -> None:
+    """A blocked watcher of a presentity that is really CLOSED gets exactly what an
+    unblocked watcher gets: same body, same ETag."""
+    alice, bob, carol = await device(ALICE), await device(BOB), await device(CAROL)
+    await alice.publish(PresenceDocument(Status.CLOSED))
+    await alice.put_rules(AccessRules(blocked=(BOB,)))
+    blocked, normal = await bob.request(Code.GET, f"/p/{ALICE}"), await carol.request(Code.GET, f"/p/{ALICE}")
+    assert (blocked.payload, blocked.opt.etag) == (normal.payload, normal.opt.etag)

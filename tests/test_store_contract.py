@@ -323,3 +323,34 @@ def test_redis_url_parsing() -> None:
     assert parse_url("rediss://h") == ("rediss://h", "impp:")
     with pytest.raises(ValueError):
         parse_url("redis://h?prefix=")
+
+
+def test_concurrent_first_opens_of_one_sqlite_file(tmp_path: Path) -> None:
+    """Two processes (here threads with their own connections) creating the same new
+    store at once: exactly one creates the schema, both open it."""
+    import threading
+
+    from gateway.store.sqlite import SqliteStore
+
+    path = str(tmp_path / "race.db")
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(4)
+
+    def open_it() -> None:
+        store = SqliteStore(path)
+        barrier.wait()
+        try:
+            store._open()
+        except BaseException as exc:
+            errors.append(exc)
+        finally:
+            if store._db is not None:
+                store._db.close()
+            store._executor.shutdown()
+
+    threads = [threading.Thread(target=open_it) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []

@@ -277,9 +277,7 @@ class PresenceResource(PerUserResource):
                 self.subscriptions.update_block(id(obs), view.verdict is Verdict.POLITELY_BLOCKED)
         doc = view.document
         body = codec.encode_presence(doc)
-        # A filtered representation gets its own ETag, so a cache or a watcher holding
-        # the full document (or an older view) cannot have it confirmed as current.
-        tag = presence.etag(doc) + (presence.representation_tag(body) if view.filtered else b"")
+        tag = presence.representation_etag(doc, body)
         max_age = presence.max_age(doc, self.service.now())
         if tag in request.opt.etags and request.opt.observe is None:
             return Message(code=Code.VALID, etag=tag, max_age=max_age)
@@ -346,14 +344,14 @@ class PresenceResource(PerUserResource):
         _query(request, set())
         doc = codec.decode_presence(self.body_of(request))
         stored = await self.service.publish_presence(user, doc, requester_of(request), if_match=_if_match(request))
-        return Message(code=Code.CHANGED, etag=presence.etag(stored))
+        return Message(code=Code.CHANGED, etag=presence.representation_etag(stored, codec.encode_presence(stored)))
 
     do_post = do_put
 
     async def do_delete(self, user: UserId, request: Message) -> Message:
         _query(request, set())
         stored = await self.service.withdraw_presence(user, requester_of(request))
-        return Message(code=Code.DELETED, etag=presence.etag(stored))
+        return Message(code=Code.DELETED, etag=presence.representation_etag(stored, codec.encode_presence(stored)))
 
 
 class InboxResource(PerUserResource):

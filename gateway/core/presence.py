@@ -56,6 +56,13 @@ def etag(doc: PresenceDocument) -> bytes:
     return doc.version.to_bytes(max(1, (doc.version.bit_length() + 7) // 8), "big")
 
 
+def representation_etag(doc: PresenceDocument, body: bytes) -> bytes:
+    """The ETag of one served representation: its version and two bytes of a hash of
+    its body. Every representation carries the hash, so a politely blocked watcher's
+    ETag looks like anyone's, and a filtered view never validates as the full one."""
+    return etag(doc) + representation_tag(body)
+
+
 def representation_tag(body: bytes) -> bytes:
     """Two bytes telling filtered representations of one version apart (ETags are at
     most 8 bytes, RFC 7252 5.10.6: a version of up to 6 bytes plus these two)."""

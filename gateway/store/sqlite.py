@@ -95,22 +95,23 @@ class SqliteStore:
         self._migrate()
 
     def _migrate(self) -> None:
+        """Create or upgrade the schema, all in one write transaction: several gateway
+        processes may open the same new file at once, and only one may create it."""
         db = self._conn
-        has_meta = db.execute("SELECT 1 FROM sqlite_master WHERE name='meta'").fetchone()
-        version = 0
-        if has_meta:
-            row = db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
-            version = int(row[0]) if row else 0
-        if version > SCHEMA_VERSION:
-            raise RuntimeError(f"store schema {version} is newer than this gateway ({SCHEMA_VERSION})")
-        if version == 0:
-            with self._transaction():
+        with self._transaction():
+            has_meta = db.execute("SELECT 1 FROM sqlite_master WHERE name='meta'").fetchone()
+            version = 0
+            if has_meta:
+                row = db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+                version = int(row[0]) if row else 0
+            if version > SCHEMA_VERSION:
+                raise RuntimeError(f"store schema {version} is newer than this gateway ({SCHEMA_VERSION})")
+            if version == 0:
                 for statement in _SCHEMA:
                     db.execute(statement)
                 db.execute("INSERT INTO meta VALUES ('schema_version', '1')")
-            version = 1
-        for target in range(version + 1, SCHEMA_VERSION + 1):
-            with self._transaction():
+                version = 1
+            for target in range(version + 1, SCHEMA_VERSION + 1):
                 for statement in _MIGRATIONS[target]:
                     db.execute(statement)
                 db.execute("UPDATE meta SET value=? WHERE key='schema_version'", (str(target),))
