@@ -598,3 +598,40 @@ def open_sealed(data: bytes, sender_bundle: KeyBundle, agreement_key: AgreementK
     """The plaintext of a sealed message from ``sender_bundle`` to us; raises DecryptionError or VerificationError."""
     inner = agreement_key.decrypt_from(sender_bundle.agreement, data)
     return verify(inner, sender_bundle.signing, external_aad=seal_external_aad(agreement_key.public_cose_key()))
+
+
+# --- Signed presence documents (RFC 2779 5.1.4, 5.3.1, 5.3.3) ---------------------------------------------
+
+PRESENCE_SIGNATURE = "sig"  # the extension key that carries the signature
+
+
+def _presence_aad(presentity: str, doc: Any) -> bytes:
+    """What a presence signature covers: the presentity and every field its publisher
+    sets (the gateway's timestamp, version and out-of-contact flag are not the
+    publisher's word), without the signature itself."""
+    from dataclasses import replace
+
+    from .core import codec
+
+    unsigned = replace(doc, extensions={k: v for k, v in doc.extensions.items() if k != PRESENCE_SIGNATURE})
+    return _dumps(["impp-presence", presentity, codec.encode_presence(unsigned, for_publish=True)])
+
+
+def sign_presence(doc: Any, presentity: str, key: SigningKey) -> Any:
+    """``doc`` with a COSE_Sign1 (empty payload, the document as external AAD) in its
+    extension ``sig``: the gateway keeps extensions verbatim, so watchers that see the
+    whole document can check it came from the presentity's principal."""
+    from dataclasses import replace
+
+    signature = key.sign(b"", external_aad=_presence_aad(presentity, doc))
+    return replace(doc, extensions={**doc.extensions, PRESENCE_SIGNATURE: signature})
+
+
+def verify_presence(doc: Any, presentity: str, public_cose_key: bytes) -> None:
+    """Raise VerificationError unless ``doc`` carries a valid signature of ``presentity``'s
+    key over exactly these publisher fields (a filtered view cannot verify)."""
+    signature = doc.extensions.get(PRESENCE_SIGNATURE)
+    if not isinstance(signature, bytes):
+        raise VerificationError("presence: no signature")
+    if verify(signature, public_cose_key, external_aad=_presence_aad(presentity, doc)) != b"":
+        raise VerificationError("presence: signature carries a payload")

@@ -510,3 +510,25 @@ async def test_polite_block_etag_gives_nothing_away(device: MakeDevice) -> None:
     await alice.put_rules(AccessRules(blocked=(BOB,)))
     blocked, normal = await bob.request(Code.GET, f"/p/{ALICE}"), await carol.request(Code.GET, f"/p/{ALICE}")
     assert (blocked.payload, blocked.opt.etag) == (normal.payload, normal.opt.etag)
+
+
+async def test_signed_presence_document(device: MakeDevice) -> None:
+    """5.1.4 / 5.3.1 / 5.3.3: a watcher verifies the presence information is the
+    presentity's own, beyond the gateway's word; a change by anyone else fails."""
+    from gateway import e2e
+
+    alice, bob = await device(ALICE), await device(BOB)
+    key = e2e.SigningKey.generate()
+    await alice.publish_keys(e2e.KeyBundle.of(key, e2e.AgreementKey.generate()).encode())
+    signed = e2e.sign_presence(PresenceDocument(Status.OPEN, note="signed by alice", lease=300), ALICE, key)
+    await alice.publish(signed)
+    bundle = e2e.KeyBundle.decode(await bob.fetch_keys(ALICE))
+    seen = await bob.fetch_presence(ALICE)
+    e2e.verify_presence(seen, ALICE, bundle.signing)  # the gateway's own fields are not covered
+    from dataclasses import replace
+
+    for forged in (replace(seen, note="forged"), replace(seen, status=Status.CLOSED)):
+        with pytest.raises(e2e.VerificationError):
+            e2e.verify_presence(forged, ALICE, bundle.signing)
+    with pytest.raises(e2e.VerificationError):
+        e2e.verify_presence(seen, BOB, bundle.signing)  # not transferable to another presentity
