@@ -75,6 +75,7 @@ from ..core.model import (
 
 LAYOUT_VERSION = 1
 DEFAULT_PREFIX = "impp:"
+MAX_CONNECTIONS = 64  # per gateway process
 DEFAULT_BATCH = 500
 
 
@@ -279,7 +280,12 @@ class RedisStore:
     async def open(cls, url: str, *, batch: int = DEFAULT_BATCH) -> RedisStore:
         """Connect, check the server answers and that its layout is one this code knows."""
         client_url, prefix = parse_url(url)
-        client = aioredis.Redis.from_url(client_url, decode_responses=False)
+        # A blocking pool: a burst of concurrent requests waits for a connection instead
+        # of failing (redis-py 8 caps the default pool and raises MaxConnectionsError).
+        pool = aioredis.BlockingConnectionPool.from_url(
+            client_url, max_connections=MAX_CONNECTIONS, timeout=10, decode_responses=False
+        )
+        client = aioredis.Redis.from_pool(pool)  # the client owns the pool: aclose() closes it
         store = cls(client, prefix, batch)
         try:
             version = int(await client.register_script(_CLAIM_LAYOUT)(keys=[store._key("meta")], args=[LAYOUT_VERSION]))
