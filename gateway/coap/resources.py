@@ -426,18 +426,22 @@ class RulesResource(PerUserResource):
         return Message(code=Code.CHANGED)
 
 
-class WatchersResource(PerUserResource):
-    """A presentity's watchers (5.1.11): who, since when, politely blocked or not."""
-
-    rt = "impp.watchers"
-    if_ = "core.s"
-    title = "watchers of user@domain (its principal or an administrator): GET (Observe), DELETE ?u=watcher"
+class SubscriptionBookResource(PerUserResource):
+    """A view of the presence resource's subscription registry."""
 
     def __init__(
         self, service: GatewayService, presence_res: PresenceResource, last_heard: dict[UserId, float]
     ) -> None:
         super().__init__(service, last_heard)
         self.presence_res = presence_res
+
+
+class WatchersResource(SubscriptionBookResource):
+    """A presentity's watchers (5.1.11): who, since when, politely blocked or not."""
+
+    rt = "impp.watchers"
+    if_ = "core.s"
+    title = "watchers of user@domain (its principal or an administrator): GET (Observe), DELETE ?u=watcher"
 
     async def do_get(self, user: UserId, request: Message) -> Message:
         _query(request, set())
@@ -460,18 +464,12 @@ class WatchersResource(PerUserResource):
         return Message(code=Code.DELETED)
 
 
-class SubscriptionsResource(PerUserResource):
+class SubscriptionsResource(SubscriptionBookResource):
     """A watcher's own subscriptions and how recent ones ended (5.1.9, 5.1.10)."""
 
     rt = "impp.subscriptions"
     if_ = "core.s"
     title = "subscriptions of user@domain (its principal or an administrator): GET (Observe)"
-
-    def __init__(
-        self, service: GatewayService, presence_res: PresenceResource, last_heard: dict[UserId, float]
-    ) -> None:
-        super().__init__(service, last_heard)
-        self.presence_res = presence_res
 
     async def do_get(self, user: UserId, request: Message) -> Message:
         _query(request, set())
