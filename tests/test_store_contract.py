@@ -334,7 +334,7 @@ def test_concurrent_first_opens_of_one_sqlite_file(tmp_path: Path) -> None:
 
     path = str(tmp_path / "race.db")
     errors: list[BaseException] = []
-    barrier = threading.Barrier(4)
+    barrier = threading.Barrier(8)
 
     def open_it() -> None:
         store = SqliteStore(path)
@@ -348,7 +348,7 @@ def test_concurrent_first_opens_of_one_sqlite_file(tmp_path: Path) -> None:
                 store._db.close()
             store._executor.shutdown()
 
-    threads = [threading.Thread(target=open_it) for _ in range(4)]
+    threads = [threading.Thread(target=open_it) for _ in range(8)]
     for thread in threads:
         thread.start()
     for thread in threads:
