@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import aiocoap
 from aiocoap.oscore_sitewrapper import OscoreSiteWrapper
@@ -127,6 +128,7 @@ class Gateway:
         sweep_interval: float = 1.0,
         bus: str | None = None,
         transports: Iterable[str] = ("udp",),
+        udp_buffer: int = 4 * 1024 * 1024,
     ) -> Gateway:
         """Start serving. With ``keys`` (the OSCORE key store) requests protected by a
         provisioned context carry that principal's identity; unprotected ones are
@@ -164,6 +166,8 @@ class Gateway:
         )
         gateway = cls(service, context, the_store, resources, credentials, root, event_bus, counters, sweep_interval)
         gateway._containment = containment
+        granted = gateway.size_socket_buffers(udp_buffer)
+        log.debug("udp socket buffers: asked %d, granted %d", udp_buffer, granted)
         resources.inbox.on_owner_gone = gateway._inbox_watch_lost
         gateway._tasks.append(asyncio.create_task(gateway._sweeper()))
         log.info("gateway serving %s on udp %s:%d", ", ".join(service.domains), bind[0], gateway.port)
@@ -177,14 +181,29 @@ class Gateway:
     def inbox(self) -> InboxResource:
         return self.resources.inbox
 
-    @property
-    def port(self) -> int:
+    def _udp_socket(self) -> socket.socket:
         for interface in self.context.request_interfaces:
             message_interface = getattr(getattr(interface, "token_interface", None), "message_interface", None)
-            local_port = getattr(message_interface, "_local_port", None)
-            if local_port is not None:
-                return int(local_port())
+            transport = getattr(message_interface, "transport", None)
+            sock = transport.get_extra_info("socket") if transport is not None else None
+            if sock is not None and sock.type == socket.SOCK_DGRAM:
+                return cast(socket.socket, sock)
         raise RuntimeError("no UDP transport bound")
+
+    @property
+    def port(self) -> int:
+        return int(self._udp_socket().getsockname()[1])
+
+    def size_socket_buffers(self, size: int) -> int:
+        """Give the UDP socket ``size`` bytes of receive and send buffer (the kernel caps
+        it at net.core.rmem_max / wmem_max). A burst of notifications to many watchers
+        brings a burst of ACKs back; with the default ~200 KB the kernel drops many of
+        them and every dropped ACK costs a retransmission 2-3 s later. Returns the
+        receive buffer the kernel granted."""
+        sock = self._udp_socket()
+        for option in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+            sock.setsockopt(socket.SOL_SOCKET, option, size)
+        return int(sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF))
 
     async def _inbox_watch_lost(self, user: UserId, peer: str | None) -> None:
         """The last inbox observation by a principal's own device ended: notifications
