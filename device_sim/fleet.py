@@ -918,16 +918,26 @@ class Fleet:
         for task in self._vanishing:
             task.cancel()
         await asyncio.gather(*self._vanishing, return_exceptions=True)
-        await asyncio.gather(*(d.stop() for d in self.devices), return_exceptions=True)
+        await asyncio.gather(*(_bounded(d.stop(), "device stop") for d in self.devices), return_exceptions=True)
 
     async def close(self) -> None:
         if self._closed:
             return
         self._closed = True
         await self.stop_devices()
-        await asyncio.gather(*(d.relay.close() for d in self.devices), return_exceptions=True)
+        await asyncio.gather(*(_bounded(d.relay.close(), "relay close") for d in self.devices), return_exceptions=True)
         if self._containment is not None:
             self._containment.remove()
+
+
+async def _bounded(work: Awaitable[object], what: str, seconds: float = 10.0) -> None:
+    """Shutdown steps after the measurement: the result is already taken, so a step
+    that hangs (aiocoap's context shutdown has no timeout of its own) is abandoned
+    with a warning instead of holding the run forever."""
+    try:
+        await asyncio.wait_for(work, seconds)
+    except TimeoutError:
+        print(f"warning: {what} did not finish in {seconds:.0f} s; abandoned", file=sys.stderr, flush=True)
 
 
 @contextlib.asynccontextmanager
@@ -946,7 +956,7 @@ async def local_gateway(
     try:
         yield gateway
     finally:
-        await gateway.close()
+        await _bounded(gateway.close(), "gateway close", 20.0)
 
 
 @contextlib.asynccontextmanager
