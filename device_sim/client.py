@@ -189,13 +189,17 @@ class DeviceClient:
         response = await self._compressed("presence", Code.GET, f"/p/{presentity}")
         return codec.decode_presence_view(self._unpack(response))
 
-    async def watch(self, presentity: UserId, *, delta: bool = False) -> AsyncIterator[PresenceDocument]:
+    async def watch(
+        self, presentity: UserId, *, delta: bool = False, non: bool = False
+    ) -> AsyncIterator[PresenceDocument]:
         """Subscribe (Observe) to a presentity: yields the current document, then every change.
 
         With ``delta`` the gateway may send a change as a patch against the last version
         it sent; after a gap (a lost or merged notification) the patch does not apply
-        and the whole document is fetched again."""
-        query = "?d" if delta else ""
+        and the whole document is fetched again. With ``non`` notifications come as NON
+        messages with a periodic CON (for lossy, slow links)."""
+        flags = [flag for flag, on in (("d", delta), ("n", non)) if on]
+        query = "?" + "&".join(flags) if flags else ""
         request = self.requester.request(
             self.message(code=Code.GET, uri=f"{self.base}/p/{presentity}{query}", observe=0)
         )

@@ -21,6 +21,7 @@ class RawDevice:
         self.security = FilesystemSecurityContext(str(context_dir)) if context_dir is not None else None
         self._mid = 0
         self.request_ids: dict[bytes, Any] = {}
+        self.last_mtype: Any = None
 
     def close(self) -> None:
         self.sock.close()
@@ -45,8 +46,9 @@ class RawDevice:
         """The next response (or notification) datagram, unprotected."""
         raw = await asyncio.wait_for(asyncio.get_running_loop().sock_recv(self.sock, 4096), timeout)
         response = Message.decode(raw)
+        self.last_mtype = response.mtype  # of the datagram itself (the unprotected inner message has none)
         if response.mtype == aiocoap.CON:  # a CON notification wants its ACK
-            ack = Message(code=aiocoap.EMPTY, mtype=aiocoap.ACK, mid=response.mid)
+            ack = Message(code=aiocoap.EMPTY, _mtype=aiocoap.ACK, _mid=response.mid)
             await self.send_raw(bytes(ack.encode()))
         if self.security is not None and response.opt.oscore is not None:
             response, _ = self.security.unprotect(response, self.request_ids[token])

@@ -278,3 +278,39 @@ async def test_inbox_deregistration_is_a_graceful_goodbye(gateway: Gateway, devi
     doc = await alice.fetch_presence(ALICE)
     assert doc.status is Status.OPEN and not doc.out_of_contact
     assert gateway.counters.out_of_contact_by_link_loss == 0
+
+
+async def test_presence_notifications_are_non_with_a_periodic_con(
+    gateway: Gateway, device: MakeDevice, tmp_path: Path
+) -> None:
+    """A watcher that asks (``?n``) gets NON notifications (no ACK on the air, no queue
+    behind a lost one) with every CON_EVERY-th confirmable, so a vanished watcher is
+    still found (RFC 7641 4.5); others keep CON notifications."""
+    from gateway.coap.resources import CON_EVERY
+
+    alice = await device(ALICE)
+    creds = keystore_of(gateway).provision(BOB, tmp_path / "raw", "coap://unused")
+    raw = RawDevice(gateway.port, creds.context_dir)
+    try:
+        first = await raw.exchange(Message(code=Code.GET, observe=0, uri_path=["p", ALICE], uri_query=["n"]), b"\x05")
+        assert first.code == Code.CONTENT
+        kinds = []
+        for i in range(CON_EVERY + 2):
+            await alice.publish(PresenceDocument(Status.OPEN, note=f"n{i}"))
+            notification = await raw.receive(b"\x05")  # ACKs a CON itself
+            assert codec.decode_presence_view(notification.payload).note == f"n{i}"
+            kinds.append(raw.last_mtype)
+    finally:
+        raw.close()
+    assert kinds == [aiocoap.NON] * (CON_EVERY - 1) + [aiocoap.CON] + [aiocoap.NON] * 2
+    # without ?n a watcher keeps confirmable notifications
+    plain = RawDevice(gateway.port, keystore_of(gateway).provision(BOB, tmp_path / "raw2", "coap://unused").context_dir)
+    try:
+        assert (await plain.exchange(Message(code=Code.GET, observe=0, uri_path=["p", ALICE]), b"\x06")).code == (
+            Code.CONTENT
+        )
+        await alice.publish(PresenceDocument(Status.OPEN, note="confirmable"))
+        assert codec.decode_presence_view((await plain.receive(b"\x06")).payload).note == "confirmable"
+        assert plain.last_mtype == aiocoap.CON
+    finally:
+        plain.close()

@@ -21,6 +21,7 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 from aiocoap import Code, Message, error, resource
+from aiocoap.numbers import TransportTuning
 from aiocoap.numbers.contentformat import ContentFormat
 from aiocoap.numbers.optionnumbers import OptionNumber
 from aiocoap.util.linkformat import Link, LinkFormat
@@ -106,6 +107,19 @@ def requester_of(request: Message) -> Requester:
         if isinstance(claim, str):
             return UserId(claim)
     return None
+
+
+class _Reliable(TransportTuning):  # type: ignore[misc]
+    reliability = True
+
+
+class _Unreliable(TransportTuning):  # type: ignore[misc]
+    reliability = False
+
+
+CONFIRMABLE, NON_CONFIRMABLE = _Reliable(), _Unreliable()
+CON_EVERY = 8
+CON_INTERVAL_S = 60.0
 
 
 class PerUserResource(resource.ObservableResource, resource.PathCapable):  # type: ignore[misc]
@@ -262,9 +276,10 @@ class PresenceResource(PerUserResource):
         self._verdict_of_first_render: dict[int, Verdict] = {}
         self._end_reason: dict[int, SubscriptionState] = {}
         self._last_sent: dict[int, tuple[bytes, int]] = {}  # delta watchers: request id -> (body, version)
+        self._notification_state: dict[int, tuple[int, float]] = {}  # request id -> (NONs since CON, last CON)
 
     async def do_get(self, user: UserId, request: Message) -> Message:
-        query = _query(request, {"d"})
+        query = _query(request, {"d", "n"})
         subscribing = request.opt.observe == 0
         # A deregistration (Observe 1) is subscription business too.
         kind = ReadKind.FETCH if request.opt.observe is None else ReadKind.SUBSCRIBE
@@ -281,9 +296,27 @@ class PresenceResource(PerUserResource):
         max_age = presence.max_age(doc, self.service.now())
         if tag in request.opt.etags and request.opt.observe is None:
             return Message(code=Code.VALID, etag=tag, max_age=max_age)
+        options: dict[str, Any] = {"etag": tag, "max_age": max_age}
+        if subscribing and "n" in query and id(request) in self._observation_by_request:
+            options["transport_tuning"] = self._notification_tuning(id(request))
         if subscribing and "d" in query:
-            return self.respond(request, self._delta(request, body, doc.version), etag=tag, max_age=max_age)
-        return self.respond(request, body, etag=tag, max_age=max_age)
+            return self.respond(request, self._delta(request, body, doc.version), **options)
+        return self.respond(request, body, **options)
+
+    def _notification_tuning(self, request_id: int) -> TransportTuning:
+        """For a watcher that asked (``?n``, devices on lossy, slow links): presence
+        notifications go NON (no ACK on the air, no NSTART queue behind a lost one: the
+        next notification supersedes it), with a CON every
+        ``CON_EVERY`` notifications or ``CON_INTERVAL_S`` seconds, so a watcher that
+        vanished is found and dropped (RFC 7641 4.5 asks for one CON a day at least)."""
+        now = asyncio.get_running_loop().time()
+        count, last_con = self._notification_state.get(request_id, (0, now))
+        count += 1
+        if count >= CON_EVERY or now - last_con >= CON_INTERVAL_S:
+            self._notification_state[request_id] = (0, now)
+            return CONFIRMABLE
+        self._notification_state[request_id] = (count, last_con)
+        return NON_CONFIRMABLE
 
     def _delta(self, request: Message, body: bytes, version: int) -> bytes:
         """For a watcher that asked for deltas (``?d``): a patch against what it was
@@ -309,6 +342,7 @@ class PresenceResource(PerUserResource):
             if obs is serverobservation:
                 del self._observation_by_request[request_id]
                 self._last_sent.pop(request_id, None)
+                self._notification_state.pop(request_id, None)
         reason = self._end_reason.pop(id(serverobservation), None)
         self.subscriptions.end(id(serverobservation), reason, self.service.now())
         self.on_watch_change(user, requester)
