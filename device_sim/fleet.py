@@ -83,6 +83,7 @@ import aiocoap.error
 from aiocoap import Code
 
 from gateway.app import Gateway
+from gateway.coap.loop_errors import ContainedLoopErrors, raised_in
 from gateway.core import codec
 from gateway.core.errors import GatewayError
 from gateway.core.ids import UserId, parse_user_id
@@ -672,42 +673,13 @@ class SimDevice:
 # -- the fleet -------------------------------------------------------------------------
 
 
-def _raised_in_aiocoap_pipe(exc: BaseException) -> bool:
-    tb = exc.__traceback__
-    while tb is not None:
-        if tb.tb_frame.f_code.co_filename.endswith("aiocoap/pipe.py"):
-            return True
-        tb = tb.tb_next
-    return False
-
-
-class _LateExceptionContainment:
+def _late_pipe_error(exc: BaseException) -> bool:
     """aiocoap 0.4.17's ``Pipe._add_event`` reports an exception that arrives after the
     request's caller stopped listening with ``log.error(..., exception=...)``, which the
-    logging module refuses: a ``TypeError`` in a loop callback and a full traceback each
-    time an OSCORE request ends after it was abandoned (a cancelled observation, a
-    timeout, a client shutting down). Nothing is lost (nobody was listening); this loop
-    exception handler counts them instead; anything else goes to the previous handler."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop, count: Callable[[], None]) -> None:
-        self.loop = loop
-        self.count = count
-        self.previous = loop.get_exception_handler()
-        loop.set_exception_handler(self)
-
-    def __call__(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
-        exc = context.get("exception")
-        if isinstance(exc, TypeError) and _raised_in_aiocoap_pipe(exc):
-            self.count()
-            return
-        if self.previous is not None:
-            self.previous(loop, context)
-        else:
-            loop.default_exception_handler(context)
-
-    def remove(self) -> None:
-        if self.loop.get_exception_handler() is self:
-            self.loop.set_exception_handler(self.previous)
+    logging module refuses: a ``TypeError`` in a loop callback each time an OSCORE
+    request ends after it was abandoned (a cancelled observation, a timeout, a client
+    shutting down). Nothing is lost (nobody was listening): count them instead."""
+    return isinstance(exc, TypeError) and raised_in(exc, "aiocoap/pipe.py")
 
 
 class Progress(Protocol):
@@ -796,7 +768,7 @@ class Fleet:
         self._vanishing: list[asyncio.Task[None]] = []
         self._started = False
         self._closed = False
-        self._containment: _LateExceptionContainment | None = None
+        self._containment: ContainedLoopErrors | None = None
 
     def now(self) -> float:
         return asyncio.get_running_loop().time() - self.t0
@@ -806,8 +778,10 @@ class Fleet:
 
     async def setup(self) -> None:
         """Relays, identities, OSCORE contexts and clients; nothing is sent yet."""
-        self._containment = _LateExceptionContainment(
-            asyncio.get_running_loop(), lambda: self.recorder.error("aiocoap late exception (library bug, contained)")
+        self._containment = ContainedLoopErrors(
+            asyncio.get_running_loop(),
+            _late_pipe_error,
+            lambda: self.recorder.error("aiocoap late exception (library bug, contained)"),
         )
         profile = self.config.profile
         tuning = transport_tuning(self.tuning.ack_timeout, self.tuning.max_retransmit, self.tuning.ack_random_factor)

@@ -15,6 +15,7 @@ import aiocoap
 from aiocoap.oscore_sitewrapper import OscoreSiteWrapper
 
 from .bus import EventBus, SharedListener, open_bus
+from .coap.loop_errors import ContainedLoopErrors, raised_in
 from .coap.resources import CoapListener, InboxResource, PresenceResource, Resources
 from .coap.site import DeregistrationWatch, GatewaySite, WellKnownCore
 from .core.ids import Domain, UserId, parse_user_id
@@ -34,44 +35,21 @@ class Counters:
     out_of_contact_by_link_loss: int = 0
 
 
-def _raised_in_aiocoap(exc: BaseException) -> bool:
-    tb = exc.__traceback__
-    while tb is not None:
-        if "/aiocoap/" in tb.tb_frame.f_code.co_filename:
-            return True
-        tb = tb.tb_next
-    return False
-
-
-class _BadUtf8Containment:
+def _contain_bad_utf8(loop: asyncio.AbstractEventLoop, counters: Counters) -> ContainedLoopErrors:
     """aiocoap 0.4.17 lets a UnicodeDecodeError escape its datagram callback for each
     datagram whose string option (Uri-Path etc.) is not UTF-8 (see aiocoap-notes);
-    asyncio then logs a full traceback, so anyone able to send UDP could flood the
-    log. This loop exception handler counts such drops and logs one line now and
-    then; every other exception goes to the handler that was there before."""
+    asyncio would log a full traceback each time, so anyone able to send UDP could flood
+    the log. Count such drops instead and log one line now and then."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, counters: Counters) -> None:
-        self.loop = loop
-        self.counters = counters
-        self.previous = loop.get_exception_handler()
-        loop.set_exception_handler(self)
+    def dropped() -> None:
+        counters.undecodable_datagrams += 1
+        count = counters.undecodable_datagrams
+        if count in (1, 10, 100, 1000) or count % 10000 == 0:
+            log.warning("dropped %d datagrams with non-UTF-8 options", count)
 
-    def __call__(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
-        exc = context.get("exception")
-        if isinstance(exc, UnicodeDecodeError) and _raised_in_aiocoap(exc):
-            self.counters.undecodable_datagrams += 1
-            count = self.counters.undecodable_datagrams
-            if count in (1, 10, 100, 1000) or count % 10000 == 0:
-                log.warning("dropped %d datagrams with non-UTF-8 options", count)
-            return
-        if self.previous is not None:
-            self.previous(loop, context)
-        else:
-            loop.default_exception_handler(context)
-
-    def remove(self) -> None:
-        if self.loop.get_exception_handler() is self:
-            self.loop.set_exception_handler(self.previous)
+    return ContainedLoopErrors(
+        loop, lambda exc: isinstance(exc, UnicodeDecodeError) and raised_in(exc, "/aiocoap/"), dropped
+    )
 
 
 # Our names for transports -> aiocoap's. UDP is the default; CoAP over TCP and over
@@ -113,7 +91,7 @@ class Gateway:
     sweep_interval: float
     link_loss_grace: float = 0.5
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
-    _containment: _BadUtf8Containment | None = None
+    _containment: ContainedLoopErrors | None = None
 
     @classmethod
     async def start(
@@ -160,7 +138,7 @@ class Gateway:
         root = DeregistrationWatch(protected)
 
         counters = Counters()
-        containment = _BadUtf8Containment(asyncio.get_running_loop(), counters)
+        containment = _contain_bad_utf8(asyncio.get_running_loop(), counters)
         context = await aiocoap.Context.create_server_context(
             root, bind=bind, transports=aiocoap_transports(transports), server_credentials=credentials
         )
