@@ -15,6 +15,7 @@ import aiocoap
 from aiocoap.oscore_sitewrapper import OscoreSiteWrapper
 
 from .bus import EventBus, SharedListener, open_bus
+from .coap import icmp
 from .coap.loop_errors import ContainedLoopErrors, raised_in
 from .coap.resources import CoapListener, InboxResource, PresenceResource, Resources
 from .coap.site import DeregistrationWatch, GatewaySite, WellKnownCore
@@ -92,6 +93,7 @@ class Gateway:
     link_loss_grace: float = 0.5
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
     _containment: ContainedLoopErrors | None = None
+    send_guard: icmp.StaleErrorSafeSend | None = None
 
     @classmethod
     async def start(
@@ -145,6 +147,7 @@ class Gateway:
         gateway = cls(service, context, the_store, resources, credentials, root, event_bus, counters, sweep_interval)
         gateway._containment = containment
         granted = gateway.size_socket_buffers(udp_buffer)
+        gateway.send_guard = icmp.install(gateway._udp_transport())
         log.debug("udp socket buffers: asked %d, granted %d", udp_buffer, granted)
         resources.inbox.on_owner_gone = gateway._inbox_watch_lost
         gateway._tasks.append(asyncio.create_task(gateway._sweeper()))
@@ -159,14 +162,17 @@ class Gateway:
     def inbox(self) -> InboxResource:
         return self.resources.inbox
 
-    def _udp_socket(self) -> socket.socket:
+    def _udp_transport(self) -> Any:
         for interface in self.context.request_interfaces:
             message_interface = getattr(getattr(interface, "token_interface", None), "message_interface", None)
             transport = getattr(message_interface, "transport", None)
             sock = transport.get_extra_info("socket") if transport is not None else None
             if sock is not None and sock.type == socket.SOCK_DGRAM:
-                return cast(socket.socket, sock)
+                return transport
         raise RuntimeError("no UDP transport bound")
+
+    def _udp_socket(self) -> socket.socket:
+        return cast(socket.socket, self._udp_transport().get_extra_info("socket"))
 
     @property
     def port(self) -> int:

@@ -24,9 +24,11 @@ class RawDevice:
         self.last_mtype: Any = None
 
     def close(self) -> None:
+        """Idempotent."""
         self.sock.close()
         if self.security is not None and self.security.lockfile is not None:
             self.security._destroy()
+            self.security = None
 
     def datagram(self, request: Message, token: bytes) -> bytes:
         """Encode (and OSCORE-protect, if this device has a context) a CON request."""
