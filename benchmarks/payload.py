@@ -1,4 +1,4 @@
-"""Bytes on the wire per operation: this gateway (CoAP + CBOR, plain and OSCORE) against
+"""Bytes on the wire per operation: this gateway (CoAP + CBOR: plain, OSCORE, OSCORE + zstd) against
 MQTT 3.1.1/5 (plain and TLS), XMPP over TLS and SIP SIMPLE, all on loopback.
 
 ``python -m benchmarks payload [--out DIR] [--systems a,b,...]``
@@ -38,9 +38,9 @@ from .peers.meter import summarise
 
 OURS = "coap-oscore"
 OURS_PLAIN = "coap-plain"
-ZSTD = "cbor+zstd"
-SYSTEMS = ("coap-plain", "coap-oscore", "mqtt311", "mqtt5", "mqtt311-tls", "mqtt5-tls", "xmpp-tls", "sip-simple")
-COLUMNS = ("coap-plain", "coap-oscore", ZSTD, "mqtt311", "mqtt5", "mqtt311-tls", "mqtt5-tls", "xmpp-tls", "sip-simple")
+ZSTD = "coap-oscore-zstd"
+SYSTEMS = ("coap-plain", "coap-oscore", ZSTD, "mqtt311", "mqtt5", "mqtt311-tls", "mqtt5-tls", "xmpp-tls", "sip-simple")
+COLUMNS = SYSTEMS
 
 LORAWAN_DR0 = 51  # EU868 DR0 (SF12/125 kHz) maximum FRMPayload, LoRaWAN Regional Parameters RP002
 IEEE802154_USABLE = 80  # 127-byte PHY frame minus MAC header/FCS and compressed 6LoWPAN/UDP headers (approx.)
@@ -58,14 +58,14 @@ FLOOR_INFO: dict[str, tuple[str, bytes]] = {
     "ack": ("the acknowledged sequence number (uint 1)", cbor2.dumps(1)),
     "im140": ("[recipient, text]", cbor2.dumps([content.ALICE, content.IM140.encode()])),
 }
-# Our main message per operation: (phase, leg, direction).
+# Our main message per operation: (phase, leg, direction, label).
 MAIN_MESSAGE = {
-    "subscribe": ("subscribe", "bob", "up", "Bob: GET /p/alice, Observe 0"),  # (phase, leg, direction, label)
-    "publish": ("publish", "alice", "up", "Alice: PUT /p/alice"),
+    "subscribe": ("subscribe", "bob", "up", "Bob: GET /p/1 (contact 1: Alice), Observe 0"),
+    "publish": ("publish", "alice", "up", "Alice: PUT /p"),
     "notify": ("publish", "bob", "down", "gateway: CON notification to Bob"),
-    "im20": ("im20", "bob", "up", "Bob: POST /i/alice"),
-    "ack": ("ack", "alice", "up", "Alice: DELETE /i/alice?c=1"),
-    "im140": ("im140", "bob", "up", "Bob: POST /i/alice"),
+    "im20": ("im20", "bob", "up", "Bob: POST /i/1"),
+    "ack": ("ack", "alice", "up", "Alice: DELETE /i?c=1"),
+    "im140": ("im140", "bob", "up", "Bob: POST /i/1"),
 }
 
 
@@ -75,6 +75,7 @@ def _runners(workdir: Path) -> dict[str, Callable[[], Awaitable[SystemRun]]]:
     return {
         "coap-plain": lambda: coap_gateway.run("plain", workdir / "coap-plain"),
         "coap-oscore": lambda: coap_gateway.run("oscore", workdir / "coap-oscore"),
+        ZSTD: lambda: coap_gateway.run("oscore-zstd", workdir / "coap-oscore-zstd"),
         "mqtt311": lambda: mqtt.run(4, False, workdir / "mqtt311"),
         "mqtt5": lambda: mqtt.run(5, False, workdir / "mqtt5"),
         "mqtt311-tls": lambda: mqtt.run(4, True, workdir / "mqtt311-tls"),
@@ -240,7 +241,7 @@ def plot(ops: dict[str, dict[str, Any]], path: Path) -> str | None:
     ax.set_xticks(range(len(names)))
     ax.set_xticklabels(names)
     ax.set_ylabel("bytes per operation (UDP/TCP payload, log scale)")
-    ax.set_title("Bytes on the wire per operation, captured on loopback (cbor+zstd: not yet measured)")
+    ax.set_title("Bytes on the wire per operation, captured on loopback")
     ax.set_ylim(bottom=10)
     ax.axhline(LORAWAN_DR0, color="grey", linestyle=":", linewidth=1)
     ax.text(-0.45, LORAWAN_DR0 * 1.05, "51 B: one LoRaWAN DR0 payload", fontsize=8, va="bottom", ha="left",
@@ -259,23 +260,22 @@ def report(done: dict[str, SystemRun], unavailable: dict[str, str], out: Path) -
     plain_msgs = our_messages(done[OURS_PLAIN]) if OURS_PLAIN in done else None
     floor = floors(ours_msgs)
     goals = targets(done, ops, ours_msgs, floor)
-    columns = [c for c in COLUMNS if c in done or c == ZSTD]
+    zstd_msgs = our_messages(done[ZSTD]) if ZSTD in done else None
+    columns = [c for c in COLUMNS if c in done]
     rows_ops = [*content.OPERATIONS, "setup"]
 
     def cell(system: str, op: str, key: str = "bytes") -> Any:
-        if system == ZSTD:
-            return "n/m"
         return ops[system][op][key] if system in ops else None
 
     print("Bytes per operation (application payload: UDP payload, or TCP payload incl. TLS records; both directions, "
-          "every leg booked to the operation). cbor+zstd: not yet measured (n/m)")
+          "every leg booked to the operation)")
     print(table([[op, *(cell(s, op) for s in columns)] for op in rows_ops], ["operation", *columns]))
     print()
     print("Same, with IPv4+UDP headers (28 B/datagram) or IPv4+TCP headers (52 B/recv chunk; lower bound)")
     print(table([[op, *(cell(s, op, "bytes_with_headers") for s in columns)] for op in rows_ops],
                 ["operation", *columns]))
     print()
-    ratio_cols = [c for c in columns if c not in (OURS, ZSTD)]
+    ratio_cols = [c for c in columns if c != OURS]
     ratios: dict[str, dict[str, float | None]] = {}
     for system in ratio_cols:
         ratios[system] = {op: _ratio(cell(OURS, op), cell(system, op)) if OURS in ops else None
@@ -288,14 +288,16 @@ def report(done: dict[str, SystemRun], unavailable: dict[str, str], out: Path) -
         for op in content.OPERATIONS:
             m = ours_msgs[op]
             plain = plain_msgs[op]["main_bytes"] if plain_msgs else None
-            rows.append([op, m["main"], plain, m["main_bytes"], floor[op]["floor"], floor[op]["ratio"],
+            zstd = zstd_msgs[op]["main_bytes"] if zstd_msgs else None
+            rows.append([op, m["main"], plain, m["main_bytes"], zstd, floor[op]["floor"], floor[op]["ratio"],
                          "yes" if m["fits_lorawan_dr0"] else "no", "yes" if m["fits_802154"] else "no",
                          m["largest"], "yes" if m["all_fit_lorawan_dr0"] else "no",
                          "yes" if m["all_fit_802154"] else "no"])
         print("Our main message per operation (UDP payload) against the floor and the link frames "
               f"(floor = {FLOOR_OVERHEAD} B + CBOR information; LoRaWAN DR0 {LORAWAN_DR0} B; "
               f"802.15.4 ~{IEEE802154_USABLE} B)")
-        print(table(rows, ["operation", "message", "plain", "oscore", "floor", "ours/floor", "DR0", "802.15.4",
+        print(table(rows, ["operation", "message", "plain", "oscore", "oscore+zstd", "floor", "ours/floor", "DR0",
+                           "802.15.4",
                            "largest dgram", "all DR0", "all 802.15.4"]))
         print()
     print("Targets")
@@ -320,8 +322,7 @@ def report(done: dict[str, SystemRun], unavailable: dict[str, str], out: Path) -
             name: {"how": run.how, "notes": run.notes, "transport": run.transport, **run.extra, "operations": ops[name]}
             for name, run in done.items()
         },
-        ZSTD: "not yet measured (zstd dictionary compression is being built separately)",
-        "ours_messages": {"oscore": ours_msgs, "plain": plain_msgs},
+        "ours_messages": {"oscore": ours_msgs, "plain": plain_msgs, "oscore_zstd": zstd_msgs},
         "floor": {"overhead": FLOOR_OVERHEAD, "definition": "CoAP header 4 + token 1 + OSCORE option 3 + payload "
                   "marker 1 + tag 8 + CBOR information (a real OSCORE message needs 2 B more: option header byte "
                   "and inner code)", "operations": floor},
@@ -334,7 +335,6 @@ def report(done: dict[str, SystemRun], unavailable: dict[str, str], out: Path) -
     bytes_per_op: dict[str, Any] = {
         s: {op: ops[s][op]["bytes"] for op in content.OPERATIONS} for s in COLUMNS if s in ops
     }
-    bytes_per_op[ZSTD] = "not yet measured"
     summary: dict[str, Any] = {
         "benchmark": "payload",
         "unit": "bytes (UDP payload / TCP payload incl. TLS), per operation, both directions",

@@ -17,7 +17,7 @@ from . import e2e
 from .core import access, codec, inbox, presence
 from .core.access import AccessRules, ReadKind, Verdict
 from .core.errors import CodecError, Forbidden, NotFound, PayloadTooLarge, PreconditionFailed, Unauthorized
-from .core.ids import Domain, UserId, domain_of
+from .core.ids import Address, Domain, UserId, domain_of, in_domain
 from .core.model import (
     DeliveryRecord,
     EnqueueResult,
@@ -165,6 +165,45 @@ class GatewayService:
         await self.store.put_rules(user, rules)
         self.listener.rules_changed(user)
 
+    # -- contacts and short addresses ----------------------------------------------------
+
+    async def get_contacts(self, user: UserId, requester: Requester) -> tuple[UserId, ...]:
+        await self._known(user, requester, "read these contacts")
+        self._require_owner(user, requester, "read these contacts", admin_too=False)
+        return await self.store.get_contacts(user)
+
+    async def put_contacts(self, user: UserId, contacts: tuple[UserId, ...], requester: Requester) -> None:
+        """The numbered list behind the aliases of the principal's paths. Private: it
+        grants nothing and tells nobody else anything."""
+        await self._known(user, requester, "change these contacts")
+        self._require_owner(user, requester, "change these contacts", admin_too=False)
+        await self.store.put_contacts(user, contacts)
+
+    async def contact_numbers(self, requester: Requester) -> dict[UserId, int]:
+        """The requester's contacts by number, for bodies that name users that way (``?a``)."""
+        principal = self._require_principal(requester, "use contact numbers")
+        return {user: n for n, user in enumerate(await self.store.get_contacts(principal), start=1)}
+
+    async def resolve(self, address: Address, requester: Requester) -> UserId:
+        """The user a path names: in full; by local part, in the requester's domain (or,
+        for anonymous requesters, the one domain served); by the requester's contact
+        number; or, with no user segment, the requester itself."""
+        if address.user is not None:
+            return address.user
+        if address.local is not None:
+            if requester is not None:
+                return in_domain(address.local, domain_of(requester))
+            if len(self.domains) == 1:
+                return in_domain(address.local, next(iter(self.domains)))
+            raise NotFound("user@domain expected: this gateway serves several domains")
+        principal = self._require_principal(requester, "use short addresses")
+        if address.alias is None:
+            return principal
+        contacts = await self.store.get_contacts(principal)
+        if address.alias > len(contacts):
+            raise NotFound(f"no contact {address.alias} (see /c)")
+        return contacts[address.alias - 1]
+
     # -- published public keys (end-to-end signing and encryption) ----------------------
 
     async def get_key_bundle(self, user: UserId) -> bytes:
@@ -288,8 +327,8 @@ class GatewayService:
         canonical = codec.encode_message(message)
         result = await self.store.enqueue(message, canonical, received, inbox.expires_at(message, received))
         if result.newly_stored:
+            # The sender's records are not re-notified: the 2.01 just told it "queued".
             self.listener.inbox_changed(recipient)
-            self.listener.records_changed(message.sender)
         return message, result
 
     async def _authorize_inbox_read(self, user: UserId, requester: Requester) -> None:
@@ -311,10 +350,9 @@ class GatewayService:
         await self._inbox(user)
         await self._authorize_inbox_read(user, requester)
         senders = await self.store.acknowledge(user, upto, self.now())
+        # An inbox observation signals new messages; removing some is no news to anyone.
         for sender in senders:
             self.listener.records_changed(sender)
-        if senders:
-            self.listener.inbox_changed(user)
 
     async def delivery_records(self, sender: UserId, requester: Requester) -> list[DeliveryRecord]:
         await self._known(sender, requester, "read delivery records")
@@ -328,6 +366,5 @@ class GatewayService:
         now = self.now()
         for user in await self.store.due_leases(now):
             await self.mark_out_of_contact(user, only_if_expired=True)
-        for sender, recipient in await self.store.expire_messages(now):
+        for sender, _recipient in await self.store.expire_messages(now):
             self.listener.records_changed(sender)
-            self.listener.inbox_changed(recipient)

@@ -190,7 +190,7 @@ async def test_presence_and_inbox_are_independent(device: MakeDevice) -> None:
     [
         (Code.GET, "/p/nobody@example.org", b"", Code.NOT_FOUND, "unknown user"),
         (Code.GET, "/p/alice@elsewhere.net", b"", Code.NOT_FOUND, "domain"),
-        (Code.GET, "/p/not-an-id", b"", Code.NOT_FOUND, "user@domain"),
+        (Code.GET, "/p/bad!id", b"", Code.NOT_FOUND, "user@domain"),
         (Code.GET, "/p/alice@example.org/extra", b"", Code.NOT_FOUND, "path"),
         (Code.GET, "/nothing", b"", Code.NOT_FOUND, ""),
         (Code.PUT, "/p/alice@example.org", b"\xff\x00", Code.BAD_REQUEST, "malformed"),

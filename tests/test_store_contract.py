@@ -138,6 +138,16 @@ async def test_key_bundles(store: Store) -> None:
     assert await store.get_key_bundle(A) is None
 
 
+async def test_contacts(store: Store) -> None:
+    assert await store.get_contacts(A) == ()
+    await store.put_contacts(A, (B,))
+    await store.put_contacts(A, (B, A))
+    assert await store.get_contacts(A) == (B, A)
+    assert await store.get_contacts(B) == ()
+    await store.remove_user(A)
+    assert await store.get_contacts(A) == ()
+
+
 async def test_removing_a_recipient_fails_its_queued_messages(store: Store) -> None:
     await store.add_user(UserRecord(B))
     await enqueue(store, message(b"waiting"))
@@ -232,6 +242,8 @@ async def test_schema_1_store_is_migrated(tmp_path: Path) -> None:
         assert await store.get_user(A) == UserRecord(A)
         await store.put_rules(A, AccessRules())
         assert await store.get_rules(A) == AccessRules()
+        await store.put_contacts(A, (B,))  # schema 3
+        assert await store.get_contacts(A) == (B,)
     finally:
         await store.close()
     version = sqlite3.connect(path).execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0]

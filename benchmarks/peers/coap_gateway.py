@@ -28,11 +28,12 @@ import aiocoap
 from aiocoap import Code, Message
 
 import gateway.coap.resources as resources_module
-from device_sim.client import DeviceClient
+from device_sim.client import DeviceClient, ShortTokens
 from gateway.app import Gateway
 from gateway.core import codec
 from gateway.core.ids import UserId
 from gateway.core.model import DeliveryState, MessageId, PresenceDocument, Status, UserRecord
+from gateway.dictionaries import load_registry
 from gateway.keys import KeyStore
 
 from . import SystemRun, content
@@ -74,7 +75,9 @@ async def _wait_for(queue: asyncio.Queue[Any], check: Callable[[Any], bool]) -> 
 
 async def _observe_records(device: DeviceClient, queue: asyncio.Queue[Any]) -> asyncio.Task[None]:
     """Bob observes his delivery records (/o): the way a sender learns of delivery."""
-    request = device.context.request(device.message(code=Code.GET, uri=f"{device.base}/o/{device.user}", observe=0))
+    flag = "?a" if device.aliases else ""  # recipients named by Bob's contact numbers
+    uri = f"{device.base}/o{device.at()}{flag}"
+    request = device.context.request(device.message(code=Code.GET, uri=uri, observe=0))
     first = await asyncio.wait_for(request.response, TIMEOUT)
     if not first.code.is_successful():
         raise RuntimeError(f"/o observe failed: {first.code}")
@@ -83,7 +86,7 @@ async def _observe_records(device: DeviceClient, queue: asyncio.Queue[Any]) -> a
         try:
             async for notification in request.observation:
                 if notification.code.is_successful():
-                    yield codec.decode_records(notification.payload)
+                    yield codec.decode_records(notification.payload, device.contact_list)
         finally:
             request.observation.cancel()
 
@@ -99,13 +102,13 @@ def _release_contexts(device: DeviceClient) -> None:
 
 
 async def run(variant: str, workdir: Path) -> SystemRun:
-    if variant not in ("plain", "oscore"):
+    if variant not in ("plain", "oscore", "oscore-zstd"):
         raise ValueError(variant)
     for name in ("coap", "aiocoap", "gateway"):
         logging.getLogger(name).setLevel(logging.ERROR)
     meter = Meter()
     workdir.mkdir(parents=True, exist_ok=True)
-    keys = KeyStore(workdir / "keys") if variant == "oscore" else None
+    keys = KeyStore(workdir / "keys") if variant != "plain" else None
     gw = await Gateway.start(
         bind=("127.0.0.1", 0), store=f"sqlite:{workdir / 'gateway.db'}", domains=[content.DOMAIN], keys=keys
     )
@@ -122,9 +125,14 @@ async def run(variant: str, workdir: Path) -> SystemRun:
             uri = "coap://{}:{}".format(*relays[leg].address)
             if keys is not None:
                 creds = keys.provision(user, workdir / "devices", uri)
-                clients[leg] = await DeviceClient.create(uri, user, timeout=TIMEOUT, credentials=creds.credentials_file)
+                clients[leg] = await DeviceClient.create(
+                    uri, user, timeout=TIMEOUT, credentials=creds.credentials_file, compact=True
+                )
             else:
-                clients[leg] = await DeviceClient.create(uri, user, timeout=TIMEOUT)
+                clients[leg] = await DeviceClient.create(uri, user, timeout=TIMEOUT, compact=True)
+                ShortTokens.install(clients[leg].context)  # as with OSCORE, so that only OSCORE differs
+            if variant == "oscore-zstd":
+                clients[leg].enable_compression(load_registry())
             devices.append(clients[leg])
         if keys is None:
             by_port = {relays["alice"].upstream_port: alice_id, relays["bob"].upstream_port: bob_id}
@@ -142,6 +150,10 @@ async def run(variant: str, workdir: Path) -> SystemRun:
         presence: asyncio.Queue[Any] = asyncio.Queue()
 
         meter.phase = "setup"
+        # Each names the other by contact number 1: in paths (/p/1, /i/1) and, asked
+        # with ?a, in inbox batches and delivery records.
+        await bob.set_contacts([alice_id])
+        await alice.set_contacts([bob_id])
         tasks.append(asyncio.create_task(_pump(alice.watch_inbox(), inbox)))
         await _wait_for(inbox, lambda batch: True)  # the first (empty) batch
         tasks.append(await _observe_records(bob, records))
@@ -190,9 +202,15 @@ async def run(variant: str, workdir: Path) -> SystemRun:
     how = (
         "UDP payload of every datagram (CoAP message) through one counting UDP relay per device on 127.0.0.1; "
         "gateway in process, devices = device_sim.client.DeviceClient (aiocoap 0.4.17, CON requests, "
-        "piggybacked responses, CON notifications + empty ACKs)"
+        "piggybacked responses, CON notifications + empty ACKs), compact as deployed: 1-byte tokens, short paths "
+        "(/p, /i for the own resources; each names the other by contact number 1, also in bodies), IMs as [id, payload]"
     )
     run_ = SystemRun(f"coap-{variant}", meter, "udp", how)
+    if variant == "oscore-zstd":
+        run_.notes.append(
+            "bodies compressed with the trained zstd dictionaries (gateway/dictionaries) when smaller; every request "
+            "carries Accept (3 B) and a compressed body Content-Format (3 B)"
+        )
     if variant == "plain":
         run_.notes.append(
             "plain = same requests without OSCORE; the gateway ran without keys and a benchmark-only shim named the "

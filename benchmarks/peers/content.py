@@ -26,9 +26,11 @@ IM140 = (
     "Привет! Встречаемся завтра в 10:30 у главного входа. Не забудь ключи от лаборатории "  # noqa: RUF001
     "и зарядку: батарея датчика почти села, а до конца недели"  # noqa: RUF001
 )
-# Message ids: 8 bytes, as device_sim/client.py's DeviceClient.new_message_id() makes them.
-IM20_ID = bytes.fromhex("0a1b2c3d4e5f6071")
-IM140_ID = bytes.fromhex("8192a3b4c5d6e7f8")
+# Message ids, the same in every system: from a per-device counter that has reached 1000
+# (device_sim.client.MessageIdCounter): 2 bytes. (A counter takes 1 byte for a device's
+# first 255 messages and 3 up to 16.7 million; random ids take 8.)
+IM20_ID = (1000).to_bytes(2, "big")
+IM140_ID = (1001).to_bytes(2, "big")
 
 OPERATIONS = ("subscribe", "publish", "notify", "im20", "ack", "im140")
 PHASES = ("setup", "subscribe", "publish", "im20", "ack", "im140")

@@ -38,7 +38,7 @@ from ..core.errors import (
     PayloadTooLarge,
     StoreUnavailable,
 )
-from ..core.ids import UserId, parse_user_id
+from ..core.ids import UserId, parse_address, parse_user_id
 from ..core.model import Seq
 from ..core.subscriptions import Subscription, SubscriptionRegistry, SubscriptionState
 from ..service import GatewayService, Requester
@@ -119,6 +119,7 @@ class _Unreliable(TransportTuning):  # type: ignore[misc]
 
 CONFIRMABLE, NON_CONFIRMABLE = _Reliable(), _Unreliable()
 CON_EVERY = 8
+COAP_DEFAULT_MAX_AGE = 60
 CON_INTERVAL_S = 60.0
 
 
@@ -146,14 +147,14 @@ class PerUserResource(resource.ObservableResource, resource.PathCapable):  # typ
 
     # Routing -------------------------------------------------------------------------
 
-    def _user_of(self, request: Message) -> UserId:
-        path = request.opt.uri_path
-        if len(path) != 1:
-            raise NotFound("path must be /{prefix}/user@domain")
+    async def _user_of(self, request: Message) -> UserId:
+        """``/{prefix}/user@domain``, or a short form: ``/{prefix}`` (the requester),
+        ``/{prefix}/alice`` (its domain), ``/{prefix}/3`` (its contact 3)."""
         try:
-            return parse_user_id(path[0])
+            address = parse_address(request.opt.uri_path)
         except GatewayError as exc:
             raise NotFound(exc.diagnostic) from exc
+        return await self.service.resolve(address, requester_of(request))
 
     async def needs_blockwise_assembly(self, request: Message) -> bool:
         return True
@@ -163,7 +164,12 @@ class PerUserResource(resource.ObservableResource, resource.PathCapable):  # typ
             requester = requester_of(request)
             if requester is not None:
                 self.last_heard[requester] = asyncio.get_running_loop().time()
-            user = self._user_of(request)
+            # A re-render for an established observation (aiocoap hands over the
+            # registering request again); the first render is still awaited.
+            notification = (
+                self.observable and request.opt.observe == 0 and id(request) not in self._awaiting_first_render
+            )
+            user = await self._user_of(request)
             handler = getattr(self, "do_" + str(request.code).lower(), None)
             if handler is None:
                 raise MethodNotAllowed(f"{request.code} not allowed here")
@@ -172,6 +178,10 @@ class PerUserResource(resource.ObservableResource, resource.PathCapable):  # typ
             response: Message = await handler(user, request)
             if response.code is not None and response.code.is_successful():
                 self._establish(request, user)
+                if notification and response.opt.content_format == CBOR:
+                    # The registration's response said CBOR; each notification need
+                    # not repeat it (2 bytes). A compressed one still names its dictionary.
+                    response.opt.content_format = None
             return response
         except GatewayError as err:
             self.refused(request, err)
@@ -293,10 +303,12 @@ class PresenceResource(PerUserResource):
         doc = view.document
         body = codec.encode_presence(doc)
         tag = presence.representation_etag(doc, body)
+        # Max-Age 60 is CoAP's default (RFC 7252 5.10.5): sent only when it differs.
         max_age = presence.max_age(doc, self.service.now())
+        age_option = {} if max_age == COAP_DEFAULT_MAX_AGE else {"max_age": max_age}
         if tag in request.opt.etags and request.opt.observe is None:
-            return Message(code=Code.VALID, etag=tag, max_age=max_age)
-        options: dict[str, Any] = {"etag": tag, "max_age": max_age}
+            return Message(code=Code.VALID, etag=tag, **age_option)
+        options: dict[str, Any] = {"etag": tag, **age_option}
         if subscribing and "n" in query and id(request) in self._observation_by_request:
             options["transport_tuning"] = self._notification_tuning(id(request))
         if subscribing and "d" in query:
@@ -414,14 +426,15 @@ class InboxResource(PerUserResource):
         return self.respond(request, codec.dumps_seq(result.seq), code=Code.CREATED)
 
     async def do_get(self, user: UserId, request: Message) -> Message:
-        query = _query(request, {"c"})
+        query = _query(request, {"c", "a"})
         requester = requester_of(request)
         after = _cursor(query.get("c"))
         observing = request.opt.observe == 0
         budget = inbox.NOTIFICATION_BUDGET if observing else codec.MAX_BODY
         batch, more = await self.service.fetch_inbox(user, requester, after, budget, for_notification=observing)
+        aliases = await self.service.contact_numbers(requester) if "a" in query else None
         # Max-Age 0: an inbox read must never be served from a cache.
-        return self.respond(request, codec.encode_batch(batch, more), max_age=0)
+        return self.respond(request, codec.encode_batch(batch, more, aliases), max_age=0)
 
     async def do_delete(self, user: UserId, request: Message) -> Message:
         query = _query(request, {"c"})
@@ -437,9 +450,11 @@ class OutboxResource(PerUserResource):
     title = "delivery records of messages sent by user@domain: GET (Observe)"
 
     async def do_get(self, user: UserId, request: Message) -> Message:
-        _query(request, set())
-        records = await self.service.delivery_records(user, requester_of(request))
-        return self.respond(request, codec.encode_records(records), max_age=0)
+        query = _query(request, {"a"})
+        requester = requester_of(request)
+        records = await self.service.delivery_records(user, requester)
+        aliases = await self.service.contact_numbers(requester) if "a" in query else None
+        return self.respond(request, codec.encode_records(records, aliases), max_age=0)
 
 
 class RulesResource(PerUserResource):
@@ -531,6 +546,28 @@ class KeysResource(PerUserResource):
         return Message(code=Code.CHANGED)
 
 
+class ContactsResource(PerUserResource):
+    """The principal's numbered contacts: contact n is what the short path segment ``n``
+    names in its requests (``POST /i/3``), so a device on a narrow link need not spell
+    out ``user@domain`` in every request. Private to the principal."""
+
+    rt = "impp.contacts"
+    if_ = "core.p"
+    title = "numbered contacts of user@domain (aliases for paths): GET, PUT (its principal)"
+    observable = False
+
+    async def do_get(self, user: UserId, request: Message) -> Message:
+        _query(request, set())
+        contacts = await self.service.get_contacts(user, requester_of(request))
+        return self.respond(request, codec.encode_contacts(contacts))
+
+    async def do_put(self, user: UserId, request: Message) -> Message:
+        _query(request, set())
+        contacts = codec.decode_contacts(self.body_of(request))
+        await self.service.put_contacts(user, contacts, requester_of(request))
+        return Message(code=Code.CHANGED)
+
+
 class CoapListener:
     """Service change events -> Observe notifications."""
 
@@ -566,6 +603,7 @@ class Resources:
         self.watchers = WatchersResource(service, self.presence, heard)
         self.subscriptions = SubscriptionsResource(service, self.presence, heard)
         self.keys = KeysResource(service, heard)
+        self.contacts = ContactsResource(service, heard)
         self.presence.on_watch_change = self._watch_changed
 
     def use_dictionaries(self, registry: compression.DictionaryRegistry) -> None:
@@ -586,6 +624,7 @@ class Resources:
             "w": self.watchers,
             "s": self.subscriptions,
             "k": self.keys,
+            "c": self.contacts,
         }
 
     def all(self) -> list[PerUserResource]:

@@ -11,7 +11,17 @@ from .errors import short_diagnostic
 
 
 class GatewaySite(resource.Site):  # type: ignore[misc]
-    """aiocoap answers an unknown path with an empty 4.04; say what was wrong."""
+    """aiocoap answers an unknown path with an empty 4.04; say what was wrong. And a
+    collection's own path (``/p``: the requester's presence) goes to the collection:
+    aiocoap 0.4.17 hands a path-capable resource only longer paths."""
+
+    def _find_child_and_pathstripped_message(self, request: Any) -> Any:
+        collection = self._subsites.get(tuple(request.opt.uri_path))
+        if request.opt.uri_path and collection is not None:
+            stripped = request.copy(uri_path=())
+            stripped._original_request_uri = getattr(request, "_original_request_uri", request.get_request_uri())
+            return collection, stripped
+        return super()._find_child_and_pathstripped_message(request)
 
     async def render_to_pipe(self, request: Any) -> None:
         try:

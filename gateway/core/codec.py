@@ -300,7 +300,8 @@ def decode_message(data: bytes, recipient: UserId | None = None, sender: UserId 
 
     The path names the recipient (key 2 may repeat it) and OSCORE names the sender
     (key 1 may repeat it; the caller checks it matches)."""
-    body = _map(_loads(data), "message")
+    raw = _loads(data)
+    body = _from_compact_message(raw) if isinstance(raw, list) else _map(raw, "message")
     _check_keys(body, MessageKey, "message")
     if MessageKey.FROM not in body and sender is None:
         raise CodecError("message: key 1 (from) is required")
@@ -332,6 +333,14 @@ def decode_message(data: bytes, recipient: UserId | None = None, sender: UserId 
     )
 
 
+def _from_compact_message(raw: list[Any]) -> dict[Any, Any]:
+    """The compact form of a POSTed message, ``[id, payload]``: the map without its two
+    key bytes, for the common message that has nothing else (docs/protocol.md 3.1)."""
+    if len(raw) != 2:
+        raise CodecError("message: compact form is [id, payload]")
+    return {MessageKey.ID: raw[0], MessageKey.PAYLOAD: raw[1]}
+
+
 def _message_map(msg: InstantMessage, *, include_to: bool, include_from: bool = True) -> dict[int, Any]:
     body: dict[int, Any] = {MessageKey.ID: bytes(msg.msg_id)}
     if include_from:
@@ -350,20 +359,73 @@ def _message_map(msg: InstantMessage, *, include_to: bool, include_from: bool = 
     return {int(k): v for k, v in body.items()}
 
 
-def encode_message(msg: InstantMessage, *, include_to: bool = False, include_from: bool = True) -> bytes:
+def encode_message(
+    msg: InstantMessage, *, include_to: bool = False, include_from: bool = True, compact: bool = False
+) -> bytes:
     """Encode for POSTing to the recipient's inbox (the path already names the recipient;
-    over OSCORE the security context names the sender, so ``include_from`` may be off)."""
-    return _dumps(_message_map(msg, include_to=include_to, include_from=include_from))
-
-
-def encode_batch(messages: Sequence[QueuedMessage], more: bool) -> bytes:
-    cursor = messages[-1].seq if messages else 0
-    body = {
-        int(BatchKey.MESSAGES): [[m.seq, _message_map(m.message, include_to=False)] for m in messages],
-        int(BatchKey.CURSOR): cursor,
-        int(BatchKey.MORE): more,
-    }
+    over OSCORE the security context names the sender, so ``include_from`` may be off).
+    ``compact``: the array form ``[id, payload]`` when the message has nothing else."""
+    body = _message_map(msg, include_to=include_to, include_from=include_from)
+    if compact and body.keys() == {int(MessageKey.ID), int(MessageKey.PAYLOAD)}:
+        return _dumps([body[MessageKey.ID], body[MessageKey.PAYLOAD]])
     return _dumps(body)
+
+
+# -- contacts: the principal's numbered list, for short paths ----------------------------
+
+MAX_CONTACTS = 255  # aliases 1..255: at most three digits in a path
+
+
+def encode_contacts(contacts: Sequence[UserId]) -> bytes:
+    return _dumps(list(contacts))
+
+
+def decode_contacts(data: bytes) -> tuple[UserId, ...]:
+    """A CBOR array of identifiers; contact n (the alias ``n`` in paths) is entry n-1."""
+    value = _loads(data)
+    if not isinstance(value, list) or len(value) > MAX_CONTACTS:
+        raise CodecError(f"contacts: array of at most {MAX_CONTACTS} identifiers expected")
+    return tuple(_user(v, "contact") for v in value)
+
+
+def encode_batch(
+    messages: Sequence[QueuedMessage],
+    more: bool,
+    aliases: Mapping[UserId, int] | None = None,
+    *,
+    terse: bool = True,
+) -> bytes:
+    """An inbox batch. ``terse`` (docs/protocol.md 3.3) leaves out what the reader can
+    infer: the cursor (the last message's seq), ``more`` when false, and then the map
+    around the items; an item whose message has nothing but id, sender and payload is
+    ``[seq, id, from, payload]``. With ``aliases`` (the reader's contact numbers, asked
+    for with ``?a``) a sender among them is written as its number, not ``user@domain``."""
+    cursor = messages[-1].seq if messages else 0
+    items: list[list[Any]] = []
+    for m in messages:
+        body = _message_map(m.message, include_to=False)
+        if aliases and m.message.sender in aliases:
+            body[MessageKey.FROM] = aliases[m.message.sender]
+        if terse and body.keys() == {int(MessageKey.ID), int(MessageKey.FROM), int(MessageKey.PAYLOAD)}:
+            items.append([m.seq, body[MessageKey.ID], body[MessageKey.FROM], body[MessageKey.PAYLOAD]])
+        else:
+            items.append([m.seq, body])
+    if terse and not more:
+        return _dumps(items)
+    batch: dict[int, Any] = {int(BatchKey.MESSAGES): items}
+    if not terse:
+        batch[int(BatchKey.CURSOR)] = cursor
+    batch[int(BatchKey.MORE)] = more
+    return _dumps(batch)
+
+
+def _by_contact_number(value: Any, contacts: Sequence[UserId], what: str) -> UserId:
+    """A user written as the reader's contact number (1-based), or in full."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        if not 1 <= value <= len(contacts):
+            raise CodecError(f"{what}: contact {value} unknown here (re-read /c)")
+        return contacts[value - 1]
+    return _user(value, what)
 
 
 def batch_size_of(message: QueuedMessage) -> int:
@@ -371,21 +433,30 @@ def batch_size_of(message: QueuedMessage) -> int:
     return len(_dumps([message.seq, _message_map(message.message, include_to=False)]))
 
 
-def decode_batch(data: bytes, recipient: UserId) -> tuple[list[QueuedMessage], int, bool]:
-    """Client side: decode an inbox batch into (messages, cursor, more)."""
-    body = _map(_loads(data), "batch")
+def decode_batch(
+    data: bytes, recipient: UserId, contacts: Sequence[UserId] = ()
+) -> tuple[list[QueuedMessage], int, bool]:
+    """Client side: decode an inbox batch into (messages, cursor, more); ``contacts``
+    resolves senders written as contact numbers."""
+    value = _loads(data)
+    body = {BatchKey.MESSAGES: value} if isinstance(value, list) else _map(value, "batch")
     _check_keys(body, BatchKey, "batch")
     raw = body.get(BatchKey.MESSAGES, [])
     if not isinstance(raw, list):
         raise CodecError("batch: array expected")
     out = []
     for item in raw:
+        if isinstance(item, list) and len(item) == 4:  # [seq, id, from, payload]
+            item = [item[0], {MessageKey.ID: item[1], MessageKey.FROM: item[2], MessageKey.PAYLOAD: item[3]}]
         if not isinstance(item, list) or len(item) != 2:
-            raise CodecError("batch item: [seq, message] expected")
+            raise CodecError("batch item: [seq, message] or [seq, id, from, payload] expected")
         seq = _uint(item[0], "seq", 2**63)
-        msg = decode_message(_dumps(item[1]), recipient)
+        fields = _map(item[1], "message")
+        if MessageKey.FROM in fields:
+            fields = {**fields, MessageKey.FROM: _by_contact_number(fields[MessageKey.FROM], contacts, "from")}
+        msg = decode_message(_dumps(fields), recipient)
         out.append(QueuedMessage(seq=Seq(seq), message=msg, received=0))
-    cursor = _uint(body.get(BatchKey.CURSOR, 0), "cursor", 2**63)
+    cursor = _uint(body.get(BatchKey.CURSOR, out[-1].seq if out else 0), "cursor", 2**63)
     more = body.get(BatchKey.MORE, False)
     if not isinstance(more, bool):
         raise CodecError("batch: more must be a boolean")
@@ -395,12 +466,15 @@ def decode_batch(data: bytes, recipient: UserId) -> tuple[list[QueuedMessage], i
 # -- delivery records ---------------------------------------------------------------
 
 
-def encode_records(records: Sequence[DeliveryRecord]) -> bytes:
+def encode_records(records: Sequence[DeliveryRecord], aliases: Mapping[UserId, int] | None = None) -> bytes:
+    """Delivery records; with ``aliases`` a recipient among the sender's contacts is
+    written as its contact number."""
+    aliases = aliases or {}
     return _dumps(
         [
             {
                 int(RecordKey.ID): bytes(r.msg_id),
-                int(RecordKey.TO): r.recipient,
+                int(RecordKey.TO): aliases.get(r.recipient, r.recipient),
                 int(RecordKey.STATE): int(r.state),
                 **({int(RecordKey.REASON): int(r.reason)} if r.reason else {}),
                 int(RecordKey.UPDATED): r.updated,
@@ -410,7 +484,7 @@ def encode_records(records: Sequence[DeliveryRecord]) -> bytes:
     )
 
 
-def decode_records(data: bytes) -> list[DeliveryRecord]:
+def decode_records(data: bytes, contacts: Sequence[UserId] = ()) -> list[DeliveryRecord]:
     raw = _loads(data)
     if not isinstance(raw, list):
         raise CodecError("records: array expected")
@@ -429,7 +503,7 @@ def decode_records(data: bytes) -> list[DeliveryRecord]:
         out.append(
             DeliveryRecord(
                 msg_id=MessageId(msg_id),
-                recipient=_user(body.get(RecordKey.TO), "to"),
+                recipient=_by_contact_number(body.get(RecordKey.TO), contacts, "to"),
                 state=state,
                 reason=reason,
                 updated=_uint(body.get(RecordKey.UPDATED, 0), "updated", 2**63),

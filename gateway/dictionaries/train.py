@@ -112,7 +112,8 @@ def im_samples(rng: random.Random) -> list[bytes]:
         if rng.random() < 0.5:  # as POSTed over OSCORE: no "from"
             out.append(codec.encode_message(msg, include_from=False))
         else:  # as served in an inbox batch
-            out.append(codec.encode_batch([QueuedMessage(Seq(rng.randrange(1, 10**6)), msg, 0)], False))
+            # (im-v1 was trained on batches in their explicit form, cursor and more included)
+            out.append(codec.encode_batch([QueuedMessage(Seq(rng.randrange(1, 10**6)), msg, 0)], False, terse=False))
     return out
 
 

@@ -52,6 +52,12 @@ class Store(Protocol):
 
     async def put_key_bundle(self, user: UserId, bundle: bytes) -> None: ...
 
+    async def get_contacts(self, user: UserId) -> tuple[UserId, ...]:
+        """The user's numbered contacts (alias n = entry n-1); empty if it set none."""
+        ...
+
+    async def put_contacts(self, user: UserId, contacts: tuple[UserId, ...]) -> None: ...
+
     async def enqueue(self, message: InstantMessage, body: bytes, received: int, expires: int | None) -> EnqueueResult:
         """Store a message durably, once per (sender, msg_id); raises Conflict if that id
         already holds another body or recipient."""

@@ -13,6 +13,7 @@ Key layout (``P`` = the prefix)::
     P leases             zset    user id scored by its lease deadline (absent: no lease)
     P rules:{id}         string  encoded access rules (codec.encode_rules)
     P keys:{id}          string  the published key bundle
+    P contacts:{id}      string  encoded contacts (codec.encode_contacts)
     P seq                string  store-wide message counter (INCR): the next seq
     P msg:{seq}          hash    sender, recipient, msg_id, body, received, expires (absent:
                                  never), state (DeliveryState), reason (FailureReason), updated
@@ -207,11 +208,11 @@ end
 return out
 """
 
-# KEYS: users, user:{id}, presence:{id}, rules:{id}, keys:{id}, leases, inbox:{id}, expiry
-# ARGV: prefix, user. Returns 1 if the user was registered.
+# KEYS: users, user:{id}, presence:{id}, rules:{id}, keys:{id}, leases, inbox:{id}, expiry,
+# contacts:{id}. ARGV: prefix, user. Returns 1 if the user was registered.
 _REMOVE_USER = _lua("""
 local existed = redis.call('ZREM', KEYS[1], ARGV[2])
-redis.call('DEL', KEYS[2], KEYS[3], KEYS[4], KEYS[5])
+redis.call('DEL', KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[9])
 redis.call('ZREM', KEYS[6], ARGV[2])
 local seqs = redis.call('ZRANGE', KEYS[7], 0, -1)
 for _, seq in ipairs(seqs) do
@@ -335,6 +336,7 @@ class RedisStore:
             self._key("leases"),
             self._key("inbox", user),
             self._key("expiry"),
+            self._key("contacts", user),
         ]
         return bool(await self._remove_user(keys=keys, args=[self.prefix, user]))
 
@@ -379,6 +381,15 @@ class RedisStore:
 
     async def put_key_bundle(self, user: UserId, bundle: bytes) -> None:
         await self._redis.set(self._key("keys", user), bundle)
+
+    # -- contacts ------------------------------------------------------------------
+
+    async def get_contacts(self, user: UserId) -> tuple[UserId, ...]:
+        body = await self._get(self._key("contacts", user))
+        return () if body is None else codec.decode_contacts(body)
+
+    async def put_contacts(self, user: UserId, contacts: tuple[UserId, ...]) -> None:
+        await self._redis.set(self._key("contacts", user), codec.encode_contacts(contacts))
 
     # -- instant messages ----------------------------------------------------------
 

@@ -32,7 +32,7 @@ from ..core.model import (
     UserRecord,
 )
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 BUSY_TIMEOUT_S = 5.0
 
 _SCHEMA = [
@@ -69,6 +69,7 @@ _MIGRATIONS = {
         "CREATE TABLE rules (user TEXT PRIMARY KEY, body BLOB NOT NULL)",
         "CREATE TABLE key_bundles (user TEXT PRIMARY KEY, body BLOB NOT NULL)",
     ],
+    3: ["CREATE TABLE contacts (user TEXT PRIMARY KEY, body BLOB NOT NULL)"],
 }
 
 T = TypeVar("T")
@@ -168,6 +169,7 @@ class SqliteStore:
                 self._conn.execute("DELETE FROM presence WHERE user=?", (user,))
                 self._conn.execute("DELETE FROM rules WHERE user=?", (user,))
                 self._conn.execute("DELETE FROM key_bundles WHERE user=?", (user,))
+                self._conn.execute("DELETE FROM contacts WHERE user=?", (user,))
                 # Their senders learn why these will never arrive.
                 self._conn.execute(
                     "UPDATE messages SET state=?, reason=?, updated=updated WHERE recipient=? AND state=?",
@@ -242,6 +244,24 @@ class SqliteStore:
         def work() -> None:
             with self._transaction():
                 self._conn.execute("INSERT OR REPLACE INTO key_bundles VALUES (?, ?)", (user, bundle))
+
+        await self._run(work)
+
+    # -- contacts ------------------------------------------------------------------
+
+    async def get_contacts(self, user: UserId) -> tuple[UserId, ...]:
+        def work() -> tuple[UserId, ...]:
+            row = self._conn.execute("SELECT body FROM contacts WHERE user=?", (user,)).fetchone()
+            return () if row is None else codec.decode_contacts(bytes(row[0]))
+
+        return await self._run(work)
+
+    async def put_contacts(self, user: UserId, contacts: tuple[UserId, ...]) -> None:
+        body = codec.encode_contacts(contacts)
+
+        def work() -> None:
+            with self._transaction():
+                self._conn.execute("INSERT OR REPLACE INTO contacts VALUES (?, ?)", (user, body))
 
         await self._run(work)
 
