@@ -314,3 +314,22 @@ async def test_presence_notifications_are_non_with_a_periodic_con(
         assert plain.last_mtype == aiocoap.CON
     finally:
         plain.close()
+
+
+async def test_a_watch_the_device_stops_ends_at_the_gateway(gateway: Gateway, device: MakeDevice) -> None:
+    """aiocoap 0.4.17 sends nothing on cancel and, over OSCORE, went on acknowledging
+    notifications for good (gateway/coap/observe_cancel.py); now a later notification
+    gets an RST and the gateway drops the observation."""
+    alice, bob = await device(ALICE), await device(BOB)
+    updates = bob.watch(ALICE)
+    await anext(updates)
+    assert gateway.presence.observation_count() == 1
+    await updates.aclose()
+
+    async def dropped() -> bool:
+        await alice.publish(PresenceDocument(Status.OPEN))
+        await asyncio.sleep(0.1)
+        return gateway.presence.observation_count() == 0
+
+    await eventually(dropped, timeout=5)
+    assert await alice.watchers() == []
