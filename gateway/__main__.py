@@ -17,6 +17,7 @@ from .app import Gateway, parse_bind
 from .core.errors import GatewayError
 from .core.ids import UserId, domain_of, parse_user_id
 from .core.model import UserRecord
+from .federation import Federation, Resolver
 from .keys import KeyStore
 from .store import open_store
 
@@ -51,6 +52,10 @@ async def _serve(args: argparse.Namespace) -> None:
         bus=args.bus,
         transports=args.transports.split(","),
     )
+    if args.peer or args.peer_dns:
+        peers = dict(_peer_entry(text) for text in args.peer or ())
+        credentials: list[Path | dict[str, object]] = [Path(p) for p in args.peer_credentials or ()]
+        await gateway.enable_federation(Federation(Resolver(peers, use_dns=args.peer_dns), credentials))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -58,6 +63,13 @@ async def _serve(args: argparse.Namespace) -> None:
     print(f"gateway ready on udp port {gateway.port}, domains {', '.join(args.domain)}", flush=True)
     await stop.wait()
     await gateway.close()
+
+
+def _peer_entry(text: str) -> tuple[str, str]:
+    domain, sep, uri = text.partition("=")
+    if not sep or not uri.startswith(("coap://", "coap+tcp://", "coap+ws://")):
+        raise GatewayError(f"--peer wants DOMAIN=coap://HOST:PORT, not {text!r}")
+    return domain, uri
 
 
 async def _is_registered(store_url: str, user: UserId) -> bool:
@@ -140,6 +152,17 @@ def main(argv: list[str] | None = None) -> int:
         default="udp",
         help="comma-separated: udp (always), tcp (CoAP over TCP on the same port), ws (WebSockets on port+3000)",
     )
+    serve.add_argument(
+        "--peer", action="append", metavar="DOMAIN=URI",
+        help="the gateway of another domain (federation; repeatable), e.g. b.example=coap://gw.b.example:5683",
+    )
+    serve.add_argument(
+        "--peer-credentials", action="append", metavar="FILE",
+        help="credentials a peer gateway provisioned for us (its `peer provision`; repeatable)",
+    )
+    serve.add_argument(
+        "--peer-dns", action="store_true", help="find other domains' gateways by DNS SRV _coap._udp.DOMAIN too"
+    )
     serve.add_argument("--shared-port", action="store_true", help=argparse.SUPPRESS)  # set for --workers children
     serve.add_argument(
         "--workers",
@@ -155,6 +178,16 @@ def main(argv: list[str] | None = None) -> int:
     provision.add_argument("--out", default="var/devices", help="where to write the device's side, default var/devices")
     provision.add_argument(
         "--gateway", default="coap://127.0.0.1:5683", help="the URI devices reach the gateway at (for credentials)"
+    )
+    peer = sub.add_parser(
+        "peer", help="create an OSCORE context for the gateway of another domain (federation); give it the credentials"
+    )
+    peer.add_argument("action", choices=["provision"])
+    peer.add_argument("domain", metavar="DOMAIN")
+    peer.add_argument("--keys", default=DEFAULT_KEYS)
+    peer.add_argument("--out", default="var/peers", help="where to write the peer's side, default var/peers")
+    peer.add_argument(
+        "--gateway", default="coap://127.0.0.1:5683", help="the URI the peer reaches this gateway at (as in its --peer)"
     )
     revoke = sub.add_parser("revoke", help="remove every security context of a user (takes effect at once)")
     revoke.add_argument("user", metavar="USER@DOMAIN")
@@ -201,6 +234,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"provisioned {device.user}: key id {device.kid.hex()}")
             print(f"device context: {device.context_dir}")
             print(f"credentials:    {device.credentials_file}  (aiocoap-client --credentials)")
+            return 0
+        if args.command == "peer":
+            made = KeyStore(Path(args.keys)).provision_peer(args.domain, Path(args.out), args.gateway)
+            print(f"provisioned the gateway of {args.domain}: key id {made.kid.hex()}")
+            print(f"give it: {made.credentials_file} and {made.context_dir}/  (serve --peer-credentials)")
             return 0
         if args.command == "revoke":
             kids = KeyStore(Path(args.keys)).revoke(parse_user_id(args.user))

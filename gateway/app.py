@@ -21,6 +21,7 @@ from .coap.resources import CoapListener, InboxResource, PresenceResource, Resou
 from .coap.site import DeregistrationWatch, GatewaySite, WellKnownCore
 from .core.ids import Domain, UserId, parse_user_id
 from .dictionaries import load_registry
+from .federation import Federation
 from .keys import KeyStore, KidIndexedCredentials
 from .service import GatewayService
 from .store import Store, open_store
@@ -94,6 +95,7 @@ class Gateway:
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
     _containment: ContainedLoopErrors | None = None
     send_guard: icmp.StaleErrorSafeSend | None = None
+    federation: Federation | None = None
 
     @classmethod
     async def start(
@@ -221,12 +223,23 @@ class Gateway:
                 log.exception("sweep failed; retrying")
             await asyncio.sleep(self.sweep_interval)
 
+    async def enable_federation(self, peers: Federation) -> None:
+        """Serve users of other domains through their gateways (``gateway/federation.py``)."""
+        await peers.start()
+        self.federation = peers
+        self.service.peers = peers
+        self.presence.federation = peers
+
     async def close(self) -> None:
         for res in self.resources.all():
             res.closing = True
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.federation is not None:
+            for request_id in list(self.presence.remote_observations):
+                self.presence.drop_remote(request_id)
+            await self.federation.close()
         await self.context.shutdown()
         await self.bus.close()
         if self.credentials is not None:

@@ -25,11 +25,18 @@ from typing import Any
 from aiocoap.credentials import CredentialsMap
 from aiocoap.oscore import COSE_KID, COSE_KID_CONTEXT, FilesystemSecurityContext
 
-from .core.ids import UserId, parse_user_id
+from .core.ids import Domain, UserId, parse_domain, parse_user_id
 
 GATEWAY_SENDER_ID = b""  # the gateway's own ID: empty, so responses carry no kid byte
 MASTER_SECRET_BYTES = 16
 MASTER_SALT_BYTES = 8
+
+
+@dataclass(frozen=True, slots=True)
+class PeerClaim:
+    """What a peer gateway's context authenticates: the gateway of ``domain``."""
+
+    domain: Domain
 
 
 def _kid_bytes(number: int) -> bytes:
@@ -69,12 +76,29 @@ class KeyStore:
             raise KeyError("devices never have the empty key id (it is the gateway's)")
         return self.root / kid.hex()
 
-    def owner_of(self, kid: bytes) -> UserId | None:
+    def _owner_record(self, kid: bytes) -> dict[str, Any]:
         try:
             data = json.loads((self.context_dir(kid) / "owner.json").read_text())
         except (FileNotFoundError, ValueError):
-            return None
-        return UserId(data["user"])
+            return {}
+        return data if isinstance(data, dict) else {}
+
+    def owner_of(self, kid: bytes) -> UserId | None:
+        """The principal a device context authenticates (None for a peer gateway's)."""
+        user = self._owner_record(kid).get("user")
+        return UserId(user) if isinstance(user, str) else None
+
+    def peer_of(self, kid: bytes) -> Domain | None:
+        """The domain whose gateway a peer context authenticates (None for a device's)."""
+        peer = self._owner_record(kid).get("peer")
+        return Domain(peer) if isinstance(peer, str) else None
+
+    def peers(self) -> list[tuple[bytes, Domain]]:
+        out = []
+        for path in sorted(self.root.iterdir()):
+            if _is_hex(path.name) and (peer := self.peer_of(bytes.fromhex(path.name))) is not None:
+                out.append((bytes.fromhex(path.name), peer))
+        return out
 
     def entries(self) -> list[tuple[bytes, UserId]]:
         out = []
@@ -107,6 +131,17 @@ class KeyStore:
     def provision(self, user: UserId, device_dir: Path, gateway_uri: str) -> DeviceCredentials:
         """Create a new context for a device of ``user``; write the device's side to ``device_dir``."""
         user = parse_user_id(user)  # a context must never authenticate a malformed identity
+        return self._provision({"user": user}, user, device_dir, gateway_uri)
+
+    def provision_peer(self, domain: str, out_dir: Path, gateway_uri: str) -> DeviceCredentials:
+        """Create a context for the gateway of another ``domain``: its requests to this
+        gateway are authenticated as that domain's gateway, which may then speak for its
+        own users, and for no one else (``gateway/federation.py``). Its side is written
+        to ``out_dir`` like a device's, for ``serve --peer-credentials``."""
+        peer = parse_domain(domain)
+        return self._provision({"peer": peer}, f"gateway.{peer}", out_dir, gateway_uri)
+
+    def _provision(self, owner: dict[str, str], label: str, device_dir: Path, gateway_uri: str) -> DeviceCredentials:
         kid = self._free_kid()
         secret = secrets.token_bytes(MASTER_SECRET_BYTES)
         salt = secrets.token_bytes(MASTER_SALT_BYTES)
@@ -121,8 +156,8 @@ class KeyStore:
                 "salt_hex": salt.hex(),
             },
         )
-        _write_private(server_dir / "owner.json", {"user": user})
-        client_dir = Path(device_dir).resolve() / f"{user}-{kid.hex()}"
+        _write_private(server_dir / "owner.json", owner)
+        client_dir = Path(device_dir).resolve() / f"{label}-{kid.hex()}"
         client_dir.mkdir(parents=True, mode=0o700)
         _write_private(
             client_dir / "secret.json",
@@ -133,7 +168,7 @@ class KeyStore:
                 "salt_hex": salt.hex(),
             },
         )
-        device = DeviceCredentials(user, kid, client_dir, client_dir.parent / f"{client_dir.name}.json")
+        device = DeviceCredentials(UserId(label), kid, client_dir, client_dir.parent / f"{client_dir.name}.json")
         _write_private(device.credentials_file, device.credentials_for(gateway_uri))
         return device
 
@@ -172,7 +207,9 @@ class KidIndexedCredentials(CredentialsMap):  # type: ignore[misc]
                 self._retire(kid)
             raise KeyError("no such context")
         if context is None:
-            owner = self.keystore.owner_of(kid)
+            owner: UserId | PeerClaim | None = self.keystore.owner_of(kid)
+            if owner is None and (peer := self.keystore.peer_of(kid)) is not None:
+                owner = PeerClaim(peer)
             if owner is None:
                 raise KeyError("no such context")
             context = FilesystemSecurityContext(str(directory))
@@ -190,7 +227,7 @@ class KidIndexedCredentials(CredentialsMap):  # type: ignore[misc]
 
     def _retire(self, kid: bytes) -> None:
         context = self._by_kid[kid]
-        self._retired_owners.update(UserId(c) for c in context.authenticated_claims)
+        self._retired_owners.update(UserId(c) for c in context.authenticated_claims if isinstance(c, str))
         # Its directory is gone, yet a last notification ("credentials revoked") may
         # still be protected with it: never try to persist again.
         context.sequence_number_persisted = context.sender_sequence_number + 2**20

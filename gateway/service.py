@@ -49,6 +49,14 @@ class PresenceView:
     verdict: Verdict
 
 
+class PeerGateways(Protocol):
+    """The gateways of other domains (``gateway/federation.py``)."""
+
+    async def send_message(self, sender: UserId, recipient: UserId, body: bytes) -> Seq:
+        """Hand an IM to the recipient's gateway; its seq there once it is stored."""
+        ...
+
+
 class ChangeListener(Protocol):
     """Told after a change is durable; the CoAP layer turns these into notifications."""
 
@@ -89,11 +97,15 @@ class GatewayService:
         self.admins = frozenset(admins)
         self.clock = clock
         self.listener: ChangeListener = listener or NullListener()
+        self.peers: PeerGateways | None = None  # set when federation is on
         # Publishes, expiries and link-loss marks of one presentity are read-modify-write.
         self._presence_locks: defaultdict[UserId, asyncio.Lock] = defaultdict(asyncio.Lock)
 
     def now(self) -> int:
         return int(self.clock())
+
+    def serves(self, user: UserId) -> bool:
+        return domain_of(user) in self.domains
 
     # -- users ---------------------------------------------------------------------
 
@@ -314,11 +326,18 @@ class GatewayService:
         ``from`` that is not the authenticated sender, 4.13 too large; a later expiry
         shows in the sender's delivery records."""
         sender = self._require_principal(requester, "send instant messages")
-        if await self.store.get_user(sender) is None:
+        # A sender of another domain can only be one its gateway vouched for (federation).
+        if self.serves(sender) and await self.store.get_user(sender) is None:
             raise Forbidden("unknown sender: not a registered user")
         message = codec.decode_message(body, recipient, sender)
         if message.sender != sender:
             raise Forbidden("from must be the authenticated sender")
+        if not self.serves(recipient):
+            if not self.serves(sender) or self.peers is None:
+                raise NotFound("domain not served here")
+            # Acknowledged once the recipient's gateway has stored it.
+            forwarded = codec.encode_message(message, include_from=False, compact=True)
+            return message, EnqueueResult(await self.peers.send_message(sender, recipient, forwarded), True)
         await self._inbox(recipient)
         if not access.may_send(await self.rules_of(recipient), recipient, sender):
             raise Forbidden(f"refused by {recipient}")

@@ -5,6 +5,7 @@ files and real UDP. Devices are OSCORE principals; unprotected requests are anon
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import re
 import signal
@@ -176,17 +177,19 @@ def key_store_files(keys: Path) -> dict[str, bytes | None]:
 
 
 @asynccontextmanager
-async def serve(store: str, keys: Path, port: int, log: Path) -> AsyncIterator[asyncio.subprocess.Process]:
+async def serve(
+    store: str, keys: Path, port: int, log: Path, *extra: str, domain: str = "example.org"
+) -> AsyncIterator[asyncio.subprocess.Process]:
     """`serve --keys` on a loopback port; stopped with SIGTERM (if the test did not stop it)."""
     with log.open("wb") as stderr:
         proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "gateway", "serve", "--bind", f"127.0.0.1:{port}", "--store", store,
-            "--keys", str(keys), cwd=REPO, stdout=asyncio.subprocess.PIPE, stderr=stderr,
+            "--keys", str(keys), "--domain", domain, *extra, cwd=REPO, stdout=asyncio.subprocess.PIPE, stderr=stderr,
         )
     try:
         assert proc.stdout is not None
         ready = await asyncio.wait_for(proc.stdout.readline(), 20)
-        assert ready.decode() == f"gateway ready on udp port {port}, domains example.org\n", log.read_text()
+        assert ready.decode() == f"gateway ready on udp port {port}, domains {domain}\n", log.read_text()
         yield proc
     finally:
         if proc.returncode is None:
@@ -501,3 +504,41 @@ async def test_device_sim_demo_runs_to_done(tmp_path: Path) -> None:
     for kid, owner in owners.items():
         assert mode(keys / kid / "secret.json") == mode(devices / f"{owner}-{kid}.json") == 0o600
         assert isinstance(json.loads((keys / kid / "sequence.json").read_text())["received"], dict)
+
+
+async def test_two_domains_federate_through_the_cli(tmp_path: Path) -> None:
+    """`peer provision` on each side, `serve --peer --peer-credentials`: an IM from
+    alice@a.example reaches bob@b.example through both gateways, over OSCORE."""
+    ports = {"a": free_udp_port(), "b": free_udp_port()}
+    base = {side: f"coap://127.0.0.1:{port}" for side, port in ports.items()}
+    stores = {side: f"sqlite:{tmp_path / side}.db" for side in ports}
+    keys = {side: tmp_path / f"keys-{side}" for side in ports}
+    users = {"a": "alice@a.example", "b": "bob@b.example"}
+    devices = {}
+    for side, user in users.items():
+        assert gateway_cli("user", "add", user, "--store", stores[side]).returncode == 0
+        devices[side] = provision(user, stores[side], keys[side], tmp_path / "devices", base[side])
+    peer_credentials = {}
+    for side, other in (("a", "b"), ("b", "a")):  # each side provisions a context for the other's gateway
+        made = gateway_cli("peer", "provision", f"{other}.example", "--keys", str(keys[side]),
+                           "--out", str(tmp_path / f"peers-{side}"), "--gateway", base[side])
+        assert made.returncode == 0, made.stderr
+        peer_credentials[other] = re.search(r"give it: (\S+\.json)", made.stdout).group(1)  # type: ignore[union-attr]
+    async with contextlib.AsyncExitStack() as stack:
+        for side, other in (("a", "b"), ("b", "a")):
+            await stack.enter_async_context(serve(
+                stores[side], keys[side], ports[side], tmp_path / f"{side}.log",
+                "--peer", f"{other}.example={base[other]}", "--peer-credentials", peer_credentials[side],
+                domain=f"{side}.example",
+            ))
+        alice, bob = [
+            await DeviceClient.create(base[s], UserId(users[s]), timeout=10, credentials=devices[s].credentials)
+            for s in ("a", "b")
+        ]
+        try:
+            seq = await alice.send(UserId(users["b"]), "across")
+            [queued] = (await bob.fetch_inbox()).messages
+            assert (queued.seq, queued.message.sender, queued.message.payload) == (seq, users["a"], b"across")
+        finally:
+            await alice.close()
+            await bob.close()

@@ -9,7 +9,9 @@ from ..core.errors import GatewayError
 
 def error_to_response(err: GatewayError) -> Message:
     # Diagnostic payload (RFC 7252 5.5.2): short UTF-8 text, no content format.
-    return Message(code=Code(int(err.code)), payload=short_diagnostic(err.diagnostic))
+    # A peer gateway's error (federation) is relayed with its own code, whatever it is.
+    code = getattr(err, "raw_code", int(err.code))
+    return Message(code=Code(code), payload=short_diagnostic(err.diagnostic))
 
 
 def short_diagnostic(text: str, limit: int = 120) -> bytes:

@@ -26,6 +26,7 @@ from aiocoap.numbers.contentformat import ContentFormat
 from aiocoap.numbers.optionnumbers import OptionNumber
 from aiocoap.util.linkformat import Link, LinkFormat
 
+from .. import federation
 from ..core import access, codec, compression, inbox, presence
 from ..core.access import ReadKind, Verdict
 from ..core.errors import (
@@ -41,6 +42,7 @@ from ..core.errors import (
 from ..core.ids import UserId, parse_address, parse_user_id
 from ..core.model import Seq
 from ..core.subscriptions import Subscription, SubscriptionRegistry, SubscriptionState
+from ..keys import PeerClaim
 from ..service import GatewayService, Requester
 from .errors import error_to_response
 
@@ -77,8 +79,11 @@ def _check_critical_options(request: Message) -> None:
 
 def _query(request: Message, allowed: set[str]) -> dict[str, str]:
     out: dict[str, str] = {}
+    from_peer = federation.peer_of(request) is not None
     for item in request.opt.uri_query:
         key, _, value = item.partition("=")
+        if from_peer and key == federation.ASSERTED_USER:
+            continue  # whom a peer gateway speaks for: requester_of
         if key not in allowed or key in out:
             raise BadRequest(f"bad query {key!r}")
         out[key] = value
@@ -101,11 +106,14 @@ def _cursor(value: str | None) -> Seq:
 
 
 def requester_of(request: Message) -> Requester:
-    """The authenticated principal (OSCORE), or None for an unprotected request."""
+    """The authenticated principal (OSCORE), or None for an unprotected request. A peer
+    gateway's request is the user of its domain it speaks for (``f=``), or anonymous."""
     claims = request.remote.authenticated_claims if request.remote is not None else ()
     for claim in claims or ():
         if isinstance(claim, str):
             return UserId(claim)
+        if isinstance(claim, PeerClaim):
+            return federation.asserted_user(request, claim)
     return None
 
 
@@ -287,9 +295,15 @@ class PresenceResource(PerUserResource):
         self._end_reason: dict[int, SubscriptionState] = {}
         self._last_sent: dict[int, tuple[bytes, int]] = {}  # delta watchers: request id -> (body, version)
         self._notification_state: dict[int, tuple[int, float]] = {}  # request id -> (NONs since CON, last CON)
+        self.federation: federation.Federation | None = None  # set when federation is on
+        # request id -> its observation at the peer gateway (a remote presentity)
+        self.remote_observations: dict[int, federation.RemoteObservation] = {}
+        self._relays: dict[int, asyncio.Task[None]] = {}
 
     async def do_get(self, user: UserId, request: Message) -> Message:
         query = _query(request, {"d", "n"})
+        if not self.service.serves(user):
+            return await self._remote_get(user, request)
         subscribing = request.opt.observe == 0
         # A deregistration (Observe 1) is subscription business too.
         kind = ReadKind.FETCH if request.opt.observe is None else ReadKind.SUBSCRIBE
@@ -314,6 +328,39 @@ class PresenceResource(PerUserResource):
         if subscribing and "d" in query:
             return self.respond(request, self._delta(request, body, doc.version), **options)
         return self.respond(request, body, **options)
+
+    async def _remote_get(self, user: UserId, request: Message) -> Message:
+        """A presentity of another domain: asked of its gateway for this requester, whose
+        rules decide there. A subscription holds one observation there per local one and
+        relays each notification (``gateway/federation.py``)."""
+        requester = requester_of(request)
+        if self.federation is None or (requester is not None and not self.service.serves(requester)):
+            raise NotFound("domain not served here")  # no relaying between two other domains
+        if request.opt.observe != 0:
+            answer = await self.federation.request(Code.GET, "p", user, requester)
+        else:
+            remote = self.remote_observations.get(id(request))
+            if remote is None:
+                remote = await self.federation.observe("p", user, requester)
+                self.remote_observations[id(request)] = remote
+                self._relays[id(request)] = asyncio.get_running_loop().create_task(self._relay(id(request), remote))
+            answer = remote.latest
+        answer.raise_for_error()
+        return Message(code=answer.code, payload=answer.payload, **answer.options)
+
+    async def _relay(self, request_id: int, remote: federation.RemoteObservation) -> None:
+        async for _ in remote.updates():
+            obs = self._observation_by_request.get(request_id)
+            if obs is not None:
+                obs.trigger()  # re-rendered from remote.latest
+
+    def drop_remote(self, request_id: int) -> None:
+        remote = self.remote_observations.pop(request_id, None)
+        if remote is not None:
+            remote.cancel()
+        relay = self._relays.pop(request_id, None)
+        if relay is not None:
+            relay.cancel()
 
     def _notification_tuning(self, request_id: int) -> TransportTuning:
         """For a watcher that asked (``?n``, devices on lossy, slow links): presence
@@ -355,12 +402,15 @@ class PresenceResource(PerUserResource):
                 del self._observation_by_request[request_id]
                 self._last_sent.pop(request_id, None)
                 self._notification_state.pop(request_id, None)
+                self.drop_remote(request_id)
         reason = self._end_reason.pop(id(serverobservation), None)
         self.subscriptions.end(id(serverobservation), reason, self.service.now())
         self.on_watch_change(user, requester)
 
     def refused(self, request: Message, err: GatewayError) -> None:
         self._verdict_of_first_render.pop(id(request), None)
+        if id(request) not in self._observation_by_request:
+            self.drop_remote(id(request))  # a refused registration holds nothing at the peer
         if id(request) not in self._observation_by_request:
             self._last_sent.pop(id(request), None)
         obs = self._observation_by_request.get(id(request))

@@ -94,3 +94,19 @@ class StoreUnavailable(GatewayError):
 
 class NotAcceptable(GatewayError):
     code = ResponseCode.NOT_ACCEPTABLE
+
+
+class PeerUnavailable(GatewayError):
+    """The gateway of another domain could not be found or reached; nothing was
+    acknowledged, so the device may retry (with the same message id)."""
+
+    code = ResponseCode.SERVICE_UNAVAILABLE
+
+
+class PeerRefused(GatewayError):
+    """The gateway of another domain answered with an error: relayed as it came."""
+
+    def __init__(self, code: int, diagnostic: str) -> None:
+        super().__init__(diagnostic)
+        self.code = ResponseCode(code) if code in ResponseCode._value2member_map_ else ResponseCode.BAD_REQUEST
+        self.raw_code = code

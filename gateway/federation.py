@@ -1,0 +1,252 @@
+"""Federation: users of other domains, served by other gateways (RFC 2779 2.1, 2.4).
+
+A gateway serves its own domains. A request about a user of another domain (an IM to
+``bob@b.example``, a fetch of or subscription to its presence) is carried to the gateway
+of that domain, which applies its own rules: nothing about a remote user is decided,
+stored or cached here.
+
+Finding the peer (:class:`Resolver`): a static map (``serve --peer DOMAIN=URI``) first,
+then, with ``--peer-dns``, DNS SRV ``_coap._udp.DOMAIN`` (RFC 7252 §12.8's service
+name; dnspython). Tests use the static map only: no lookup ever
+leaves the machine.
+
+Talking to the peer (:class:`Federation`): CoAP over OSCORE between the two gateways.
+The serving gateway provisions a context for the peer (``gateway peer provision
+DOMAIN``, :meth:`gateway.keys.KeyStore.provision_peer`); its requests are then
+authenticated as *the gateway of that domain* (:class:`gateway.keys.PeerClaim`). Such a
+request names the user it speaks for in the query ``f=user@domain``
+(:data:`ASSERTED_USER`), encrypted inside OSCORE; the serving gateway believes it only
+for users of the peer's own domain (:func:`asserted_user`). A peer request without
+``f`` is anonymous.
+
+What is relayed: the method, path, query, body and the answer's code, options that
+matter (ETag, Max-Age, Content-Format) and body. An IM is acknowledged to the device
+only once the recipient's gateway has stored it (its 2.01), so durability and exactly
+once (the id travels unchanged; the recipient's gateway deduplicates per sender and id)
+hold across gateways; an unreachable peer gives 5.03 and the device retries.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiocoap
+from aiocoap import Code, Message
+
+from .coap import observe_cancel
+from .core.errors import Forbidden, PeerRefused, PeerUnavailable
+from .core.ids import Domain, UserId, domain_of, parse_domain, parse_user_id
+from .core.model import Seq
+from .keys import PeerClaim
+
+log = logging.getLogger(__name__)
+
+ASSERTED_USER = "f"  # query key: the user a peer gateway speaks for
+PEER_TIMEOUT_S = 10.0
+
+
+# -- the serving side ------------------------------------------------------------------
+
+
+def peer_of(request: Message) -> PeerClaim | None:
+    claims = request.remote.authenticated_claims if request.remote is not None else ()
+    for claim in claims or ():
+        if isinstance(claim, PeerClaim):
+            return claim
+    return None
+
+
+def asserted_user(request: Message, peer: PeerClaim) -> UserId | None:
+    """The user a peer gateway's request speaks for: only one of the peer's own domain."""
+    for item in request.opt.uri_query:
+        key, _, value = item.partition("=")
+        if key == ASSERTED_USER:
+            user = parse_user_id(value)
+            if domain_of(user) != peer.domain:
+                raise Forbidden(f"the gateway of {peer.domain} may speak only for its own users")
+            return user
+    return None
+
+
+# -- finding peers -----------------------------------------------------------------------
+
+
+class Resolver:
+    def __init__(self, static: Mapping[str, str] | None = None, use_dns: bool = False) -> None:
+        self.static = {parse_domain(d): uri.rstrip("/") for d, uri in (static or {}).items()}
+        self.use_dns = use_dns
+
+    async def resolve(self, domain: Domain) -> str:
+        """The base URI (``coap://host:port``) of ``domain``'s gateway."""
+        if domain in self.static:
+            return self.static[domain]
+        if self.use_dns:
+            found = await self._srv(domain)
+            if found is not None:
+                return found
+        raise PeerUnavailable(f"no gateway known for {domain}")
+
+    @staticmethod
+    async def _srv(domain: Domain) -> str | None:
+        import dns.asyncresolver
+        import dns.exception
+
+        try:
+            answer = await dns.asyncresolver.resolve(f"_coap._udp.{domain}", "SRV", lifetime=3.0)
+        except dns.exception.DNSException:
+            return None
+        records: list[Any] = sorted(answer, key=lambda r: (r.priority, -r.weight))
+        if not records:
+            return None
+        host = str(records[0].target).rstrip(".")
+        return f"coap://{host}:{records[0].port}"
+
+
+# -- talking to peers ----------------------------------------------------------------------
+
+
+@dataclass
+class PeerAnswer:
+    code: Code
+    payload: bytes
+    options: dict[str, Any]
+
+    def raise_for_error(self) -> None:
+        if not self.code.is_successful():
+            raise PeerRefused(int(self.code), self.payload.decode("utf-8", "replace")[:120])
+
+
+def _answer(response: Message) -> PeerAnswer:
+    options: dict[str, Any] = {}
+    if response.opt.etag is not None:
+        options["etag"] = response.opt.etag
+    if response.opt.max_age is not None:
+        options["max_age"] = response.opt.max_age
+    if response.opt.content_format is not None:
+        options["content_format"] = response.opt.content_format
+    return PeerAnswer(response.code, bytes(response.payload), options)
+
+
+class Federation:
+    """The gateway's client side towards the gateways of other domains."""
+
+    def __init__(self, resolver: Resolver, credentials: list[Path | dict[str, Any]], timeout: float = PEER_TIMEOUT_S):
+        self.resolver = resolver
+        self.credentials = credentials
+        self.timeout = timeout
+        self.context: aiocoap.Context | None = None
+
+    async def start(self) -> Federation:
+        import json
+
+        observe_cancel.install()  # a dropped relay must end the observation at the peer
+        self.context = await aiocoap.Context.create_client_context(transports=["oscore", "udp6"])
+        for entry in self.credentials:
+            data = json.loads(Path(entry).read_text()) if isinstance(entry, Path | str) else entry
+            self.context.client_credentials.load_from_dict(data)
+        return self
+
+    async def close(self) -> None:
+        if self.context is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.context.shutdown(), 5)
+            self.context = None
+
+    async def _message(
+        self,
+        code: Code,
+        prefix: str,
+        user: UserId,
+        speaker: UserId | None,
+        query: list[str],
+        payload: bytes,
+        **opts: Any,
+    ) -> Message:
+        base = await self.resolver.resolve(domain_of(user))
+        uri_query = [q for q in query if not q.startswith(f"{ASSERTED_USER}=")]
+        if speaker is not None:
+            uri_query.append(f"{ASSERTED_USER}={speaker}")
+        message = Message(code=code, uri=f"{base}/{prefix}/{user}", payload=payload, **opts)
+        message.opt.uri_query = uri_query
+        return message
+
+    async def request(
+        self,
+        code: Code,
+        prefix: str,
+        user: UserId,
+        speaker: UserId | None,
+        query: list[str] | None = None,
+        payload: bytes = b"",
+        **options: Any,
+    ) -> PeerAnswer:
+        """One request to ``user``'s gateway on behalf of ``speaker`` (None: anonymous)."""
+        if self.context is None:
+            raise PeerUnavailable("federation is not running")
+        message = await self._message(code, prefix, user, speaker, query or [], payload, **options)
+        try:
+            response = await asyncio.wait_for(self.context.request(message).response, self.timeout)
+        except (TimeoutError, aiocoap.error.Error, OSError) as exc:
+            log.warning("peer gateway of %s: %s", domain_of(user), exc)
+            raise PeerUnavailable(f"gateway of {domain_of(user)} unreachable") from exc
+        return _answer(response)
+
+    async def send_message(self, sender: UserId, recipient: UserId, body: bytes) -> Seq:
+        return Seq(await send_message(self, sender, recipient, body))
+
+    async def observe(
+        self, prefix: str, user: UserId, speaker: UserId | None, query: list[str] | None = None
+    ) -> RemoteObservation:
+        if self.context is None:
+            raise PeerUnavailable("federation is not running")
+        message = await self._message(Code.GET, prefix, user, speaker, query or [], b"", observe=0)
+        request = self.context.request(message)
+        try:
+            first = await asyncio.wait_for(request.response, self.timeout)
+        except (TimeoutError, aiocoap.error.Error, OSError) as exc:
+            request.observation.cancel()
+            raise PeerUnavailable(f"gateway of {domain_of(user)} unreachable") from exc
+        return RemoteObservation(request, _answer(first))
+
+
+class RemoteObservation:
+    """An observation held at a peer gateway for one local watcher: its latest answer,
+    and the notifications as they come."""
+
+    def __init__(self, request: Any, first: PeerAnswer) -> None:
+        self.request = request
+        self.latest = first
+
+    async def updates(self) -> AsyncIterator[PeerAnswer]:
+        try:
+            async for notification in self.request.observation:
+                self.latest = _answer(notification)
+                yield self.latest
+        except aiocoap.error.Error as exc:
+            # The peer (or the link to it) ended the observation.
+            self.latest = PeerAnswer(Code.SERVICE_UNAVAILABLE, b"peer observation ended", {})
+            log.info("remote observation ended: %s", exc)
+            yield self.latest
+
+    def cancel(self) -> None:
+        with contextlib.suppress(Exception):
+            self.request.observation.cancel()
+
+
+async def send_message(federation: Federation, sender: UserId, recipient: UserId, body: bytes) -> int:
+    """POST an IM to the recipient's gateway as its sender's gateway; the seq it stored it under."""
+    from .core import codec
+    from .core.errors import CodecError
+
+    answer = await federation.request(Code.POST, "i", recipient, sender, payload=body)
+    answer.raise_for_error()
+    try:
+        return codec.decode_seq(answer.payload)
+    except CodecError as exc:
+        raise PeerUnavailable(f"gateway of {domain_of(recipient)} answered nonsense") from exc

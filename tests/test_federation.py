@@ -1,0 +1,178 @@
+"""Two gateways, two domains, on loopback: IMs and presence across them, over OSCORE
+between the gateways, each domain's rules applied by its own gateway."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from aiocoap import Code
+
+from device_sim.client import DeviceClient, RequestFailed
+from gateway.app import Gateway
+from gateway.core.access import AccessRules
+from gateway.core.ids import UserId
+from gateway.core.model import MessageId, PresenceDocument, Status, UserRecord
+from gateway.federation import Federation, Resolver
+from gateway.keys import KeyStore
+
+from .conftest import eventually
+
+ALICE = UserId("alice@a.example")
+ALEX = UserId("alex@a.example")
+BOB = UserId("bob@b.example")
+CAROL = UserId("carol@c.example")  # a third domain nobody serves here
+
+
+@dataclass
+class Pair:
+    a: Gateway
+    b: Gateway
+    keys_a: KeyStore
+    keys_b: KeyStore
+    devices: Path
+    made: list[DeviceClient]
+
+    def uri(self, gateway: Gateway) -> str:
+        return f"coap://127.0.0.1:{gateway.port}"
+
+    async def device(self, user: UserId, compact: bool = True) -> DeviceClient:
+        gateway, keys = (self.a, self.keys_a) if user.endswith("@a.example") else (self.b, self.keys_b)
+        creds = keys.provision(user, self.devices, self.uri(gateway))
+        client = await DeviceClient.create(
+            self.uri(gateway), user, timeout=15, credentials=creds.credentials_file, compact=compact
+        )
+        self.made.append(client)
+        return client
+
+
+@pytest.fixture
+async def pair(tmp_path: Path) -> AsyncIterator[Pair]:
+    keys_a, keys_b = KeyStore(tmp_path / "keys-a"), KeyStore(tmp_path / "keys-b")
+    a = await Gateway.start(
+        bind=("127.0.0.1", 0), store=f"sqlite:{tmp_path / 'a.db'}", domains=["a.example"], keys=keys_a
+    )
+    b = await Gateway.start(
+        bind=("127.0.0.1", 0), store=f"sqlite:{tmp_path / 'b.db'}", domains=["b.example"], keys=keys_b
+    )
+    for gateway, users in ((a, (ALICE, ALEX)), (b, (BOB,))):
+        for user in users:
+            await gateway.service.register(UserRecord(user))
+    # Each gateway provisions a context for the other's requests (gateway peer provision).
+    a_to_b = keys_b.provision_peer("a.example", tmp_path / "peers-a", f"coap://127.0.0.1:{b.port}")
+    b_to_a = keys_a.provision_peer("b.example", tmp_path / "peers-b", f"coap://127.0.0.1:{a.port}")
+    await a.enable_federation(
+        Federation(Resolver({"b.example": f"coap://127.0.0.1:{b.port}"}), [a_to_b.credentials_file])
+    )
+    await b.enable_federation(
+        Federation(Resolver({"a.example": f"coap://127.0.0.1:{a.port}"}), [b_to_a.credentials_file])
+    )
+    made: list[DeviceClient] = []
+    yield Pair(a, b, keys_a, keys_b, tmp_path / "devices", made)
+    for client in made:
+        await client.close()
+    await a.close()
+    await b.close()
+
+
+async def test_im_across_domains_exactly_once(pair: Pair) -> None:
+    alice, bob = await pair.device(ALICE), await pair.device(BOB)
+    msg_id = MessageId(b"\x01\x02")
+    seq = await alice.send(BOB, "hello from a.example", msg_id=msg_id)
+    assert await alice.send(BOB, "hello from a.example", msg_id=msg_id) == seq  # a resend: stored once
+    [queued] = (await bob.fetch_inbox()).messages
+    assert (queued.seq, queued.message.sender, queued.message.payload) == (seq, ALICE, b"hello from a.example")
+    # and back: Bob answers Alice through his own gateway
+    await bob.send(ALICE, "hi alice")
+    [answer] = (await alice.fetch_inbox()).messages
+    assert (answer.message.sender, answer.message.payload) == (BOB, b"hi alice")
+
+
+async def test_the_recipients_gateway_applies_its_rules(pair: Pair) -> None:
+    alice, alex, bob = await pair.device(ALICE), await pair.device(ALEX), await pair.device(BOB)
+    await bob.put_rules(AccessRules(senders=("alice@a.example",)))
+    await alice.send(BOB, "allowed")
+    with pytest.raises(RequestFailed) as refused:
+        await alex.send(BOB, "not allowed")
+    assert refused.value.code == Code.FORBIDDEN and "refused by bob@b.example" in refused.value.diagnostic
+    with pytest.raises(RequestFailed) as unknown:
+        await alice.send(UserId("nobody@b.example"), "?")
+    assert unknown.value.code == Code.NOT_FOUND
+    with pytest.raises(RequestFailed) as unserved:
+        await alice.send(CAROL, "no gateway known")
+    assert unserved.value.code == Code.SERVICE_UNAVAILABLE
+    assert [m.message.payload for m in (await bob.fetch_inbox()).messages] == [b"allowed"]
+
+
+async def test_presence_across_domains_with_remote_rules(pair: Pair) -> None:
+    alice, alex, bob = await pair.device(ALICE), await pair.device(ALEX), await pair.device(BOB)
+    await bob.put_rules(AccessRules(fetchers=("alice@a.example",), subscribers=("alice@a.example",)))
+    await bob.publish(PresenceDocument(Status.OPEN, note="at b"))
+    assert (await alice.fetch_presence(BOB)).note == "at b"
+    with pytest.raises(RequestFailed) as refused:
+        await alex.fetch_presence(BOB)
+    assert refused.value.code == Code.FORBIDDEN
+    updates = alice.watch(BOB)
+    assert (await asyncio.wait_for(anext(updates), 10)).note == "at b"
+    await bob.publish(PresenceDocument(Status.OPEN, note="still at b"))
+    assert (await asyncio.wait_for(anext(updates), 10)).note == "still at b"
+    # Bob's gateway sees Alice (not her gateway) as the watcher
+    assert [w.watcher for w in await bob.watchers()] == [ALICE]
+    # Alice stops watching: her gateway drops its local observation when the next
+    # notification is refused (RST), and with it the one at Bob's gateway.
+    await updates.aclose()
+
+    async def gone() -> bool:
+        await bob.publish(PresenceDocument(Status.OPEN, note="anyone there?"))
+        await asyncio.sleep(0.2)
+
+        return await bob.watchers() == []
+
+    await eventually(gone, timeout=10)
+    assert not pair.a.presence.remote_observations
+
+
+async def test_a_peer_speaks_only_for_its_own_domain(pair: Pair, tmp_path: Path) -> None:
+    """B's gateway is trusted for b.example users only: posing as a.example's Alice at
+    A's gateway, or as a user of a domain A serves, is refused."""
+    from aiocoap import Context, Message
+
+    bob = await pair.device(BOB)
+    await bob.send(ALICE, "fine")  # B -> A on behalf of bob@b.example
+    # Now B's peer context, used by hand, claims to speak for Alice of a.example itself.
+    creds = pair.keys_a.provision_peer("b.example", tmp_path / "rogue", pair.uri(pair.a))
+    context = await Context.create_client_context(transports=["oscore", "udp6"])
+    try:
+        import json
+
+        context.client_credentials.load_from_dict(json.loads(creds.credentials_file.read_text()))
+        request = Message(code=Code.POST, uri=f"{pair.uri(pair.a)}/i/{ALEX}", payload=b"\x82\x41\x09\x41x")
+        request.opt.uri_query = [f"f={ALICE}"]
+        response = await asyncio.wait_for(context.request(request).response, 10)
+        assert response.code == Code.FORBIDDEN and b"only for its own users" in response.payload
+        # speaking for nobody: anonymous, which may not send
+        anonymous = Message(code=Code.POST, uri=f"{pair.uri(pair.a)}/i/{ALEX}", payload=b"\x82\x41\x09\x41x")
+        assert (await asyncio.wait_for(context.request(anonymous).response, 10)).code == Code.UNAUTHORIZED
+    finally:
+        await context.shutdown()
+    alex = await pair.device(ALEX)
+    assert (await alex.fetch_inbox()).messages == []
+
+
+async def test_unreachable_peer_is_503_and_nothing_is_acknowledged(pair: Pair) -> None:
+    alice = await pair.device(ALICE)
+    await pair.b.close()
+    assert pair.a.federation is not None
+    pair.a.federation.timeout = 2.0
+    with pytest.raises(RequestFailed) as down:
+        await alice.send(BOB, "lost?")
+    assert down.value.code == Code.SERVICE_UNAVAILABLE
+    # the fixture closes b again: make that harmless
+    pair.b.close = _noop  # type: ignore[method-assign]
+
+
+async def _noop() -> None:
+    return None
