@@ -176,3 +176,43 @@ async def test_unreachable_peer_is_503_and_nothing_is_acknowledged(pair: Pair) -
 
 async def _noop() -> None:
     return None
+
+
+async def test_a_subscriber_watches_presentities_in_200_domains(tmp_path: Path) -> None:
+    """RFC 2779 2.2.6: one subscriber, presentities in hundreds of domains, here 200 served
+    by one other gateway process under different names, each reached through federation."""
+    domains = [f"d{n}.example" for n in range(200)]
+    presentities = [UserId(f"p{n}@{d}") for n, d in enumerate(domains)]
+    keys_a, keys_b = KeyStore(tmp_path / "keys-a"), KeyStore(tmp_path / "keys-b")
+    a = await Gateway.start(
+        bind=("127.0.0.1", 0), store=f"sqlite:{tmp_path / 'a.db'}", domains=["a.example"], keys=keys_a
+    )
+    b = await Gateway.start(bind=("127.0.0.1", 0), store=f"sqlite:{tmp_path / 'b.db'}", domains=domains, keys=keys_b)
+    alice: DeviceClient | None = None
+    watches = []
+    try:
+        await a.service.register(UserRecord(ALICE))
+        for user in presentities:
+            await b.service.register(UserRecord(user))
+        to_b = keys_b.provision_peer("a.example", tmp_path / "peers", f"coap://127.0.0.1:{b.port}")
+        await a.enable_federation(
+            Federation(Resolver({d: f"coap://127.0.0.1:{b.port}" for d in domains}), [to_b.credentials_file])
+        )
+        uri = f"coap://127.0.0.1:{a.port}"
+        creds = keys_a.provision(ALICE, tmp_path / "devices", uri)
+        alice = await DeviceClient.create(uri, ALICE, timeout=20, credentials=creds.credentials_file)
+        watches = [alice.watch(p) for p in presentities]
+        firsts = await asyncio.gather(*(asyncio.wait_for(anext(w), 30) for w in watches))
+        assert {doc.status for doc in firsts} == {Status.CLOSED}
+        assert b.presence.observation_count() == 200 and len(a.presence.remote_observations) == 200
+        for n, user in enumerate(presentities):
+            await b.service.publish_presence(user, PresenceDocument(Status.OPEN, note=f"in d{n}"), user)
+        seconds = await asyncio.gather(*(asyncio.wait_for(anext(w), 30) for w in watches))
+        assert [doc.note for doc in seconds] == [f"in d{n}" for n in range(200)]
+    finally:
+        for watch in watches:
+            await watch.aclose()
+        if alice is not None:
+            await alice.close()
+        await a.close()
+        await b.close()
