@@ -349,7 +349,8 @@ class DeviceClient:
                 current = updated
                 yield current
         finally:
-            request.observation.cancel()
+            if not request.observation.cancelled:  # an error notification already ended it
+                request.observation.cancel()
 
     # instant messages --------------------------------------------------------------
 
@@ -416,7 +417,8 @@ class DeviceClient:
                     if batch.messages:
                         yield batch
         finally:
-            request.observation.cancel()
+            if not request.observation.cancelled:  # an error notification already ended it
+                request.observation.cancel()
 
     async def delivery_records(self) -> list[DeliveryRecord]:
         flag = "?a" if self._names_by_number() else ""

@@ -21,7 +21,7 @@ from .coap.resources import CoapListener, InboxResource, PresenceResource, Resou
 from .coap.site import DeregistrationWatch, GatewaySite, WellKnownCore
 from .core.ids import Domain, UserId, parse_user_id
 from .dictionaries import load_registry
-from .federation import Federation
+from .federation import FanIn, Federation
 from .keys import KeyStore, KidIndexedCredentials
 from .service import GatewayService
 from .store import Store, open_store
@@ -229,6 +229,7 @@ class Gateway:
         self.federation = peers
         self.service.peers = peers
         self.presence.federation = peers
+        self.presence.fan_in = FanIn(peers, self.presence.fan_in_updated)
 
     async def close(self) -> None:
         for res in self.resources.all():
@@ -239,6 +240,8 @@ class Gateway:
         if self.federation is not None:
             for request_id in list(self.presence.remote_observations):
                 self.presence.drop_remote(request_id)
+            if self.presence.fan_in is not None:
+                self.presence.fan_in.close()
             await self.federation.close()
         await self.context.shutdown()
         await self.bus.close()

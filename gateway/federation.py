@@ -31,7 +31,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,7 +40,8 @@ import aiocoap
 from aiocoap import Code, Message
 
 from .coap import observe_cancel
-from .core.errors import Forbidden, PeerRefused, PeerUnavailable
+from .core import codec
+from .core.errors import CodecError, Forbidden, PeerRefused, PeerUnavailable
 from .core.ids import Domain, UserId, domain_of, parse_domain, parse_user_id
 from .core.model import Seq
 from .keys import PeerClaim
@@ -49,6 +50,10 @@ log = logging.getLogger(__name__)
 
 ASSERTED_USER = "f"  # query key: the user a peer gateway speaks for
 PEER_TIMEOUT_S = 10.0
+# Requests in flight to one peer at once. They share one OSCORE context, whose receiver
+# keeps a replay window of 32 sequence numbers (aiocoap): far more at once arrive out of
+# order by more than that and are refused as replays (measured: with 200 at once).
+PEER_CONCURRENCY = 16
 
 
 # -- the serving side ------------------------------------------------------------------
@@ -141,6 +146,10 @@ class Federation:
         self.credentials = credentials
         self.timeout = timeout
         self.context: aiocoap.Context | None = None
+        self._in_flight: dict[Domain, asyncio.Semaphore] = {}
+
+    def _slot(self, user: UserId) -> asyncio.Semaphore:
+        return self._in_flight.setdefault(domain_of(user), asyncio.Semaphore(PEER_CONCURRENCY))
 
     async def start(self) -> Federation:
         import json
@@ -191,8 +200,9 @@ class Federation:
             raise PeerUnavailable("federation is not running")
         message = await self._message(code, prefix, user, speaker, query or [], payload, **options)
         try:
-            response = await asyncio.wait_for(self.context.request(message).response, self.timeout)
-        except (TimeoutError, aiocoap.error.Error, OSError) as exc:
+            async with self._slot(user):
+                response = await asyncio.wait_for(self.context.request(message).response, self.timeout)
+        except Exception as exc:  # timeout, link errors, an answer OSCORE refuses
             log.warning("peer gateway of %s: %s", domain_of(user), exc)
             raise PeerUnavailable(f"gateway of {domain_of(user)} unreachable") from exc
         return _answer(response)
@@ -201,17 +211,21 @@ class Federation:
         return Seq(await send_message(self, sender, recipient, body))
 
     async def observe(
-        self, prefix: str, user: UserId, speaker: UserId | None, query: list[str] | None = None
+        self, prefix: str, user: UserId, speaker: UserId | None, query: list[str] | None = None,
+        code: Code = Code.GET, payload: bytes = b"",
     ) -> RemoteObservation:
         if self.context is None:
             raise PeerUnavailable("federation is not running")
-        message = await self._message(Code.GET, prefix, user, speaker, query or [], b"", observe=0)
-        request = self.context.request(message)
-        try:
-            first = await asyncio.wait_for(request.response, self.timeout)
-        except (TimeoutError, aiocoap.error.Error, OSError) as exc:
-            request.observation.cancel()
-            raise PeerUnavailable(f"gateway of {domain_of(user)} unreachable") from exc
+        message = await self._message(code, prefix, user, speaker, query or [], payload, observe=0)
+        async with self._slot(user):
+            request = self.context.request(message)
+            try:
+                first = await asyncio.wait_for(request.response, self.timeout)
+            except Exception as exc:  # timeout, link errors, an answer OSCORE refuses
+                if not request.observation.cancelled:
+                    request.observation.cancel()
+                log.warning("peer gateway of %s: %r", domain_of(user), exc)
+                raise PeerUnavailable(f"gateway of {domain_of(user)} unreachable") from exc
         return RemoteObservation(request, _answer(first))
 
 
@@ -235,7 +249,7 @@ class RemoteObservation:
             yield self.latest
 
     def cancel(self) -> None:
-        with contextlib.suppress(Exception):
+        if not self.request.observation.cancelled:
             self.request.observation.cancel()
 
 
@@ -250,3 +264,131 @@ async def send_message(federation: Federation, sender: UserId, recipient: UserId
         return codec.decode_seq(answer.payload)
     except CodecError as exc:
         raise PeerUnavailable(f"gateway of {domain_of(recipient)} answered nonsense") from exc
+
+
+# -- fan-in: one observation at the peer for the local watchers of a remote presentity ----
+
+
+class FanInFull(Exception):
+    """More local watchers than one shared observation may carry (codec.MAX_FAN_IN)."""
+
+
+@dataclass
+class FanInGroup:
+    presentity: UserId
+    wanted: set[UserId]
+    lock: asyncio.Lock
+    watchers: tuple[UserId, ...] = ()  # as registered at the peer
+    views: dict[UserId, bytes | int] | None = None  # a view, or codec.FAN_IN_REFUSED / _CANCELLED
+    error: PeerAnswer | None = None  # the peer ended the shared observation
+    observation: RemoteObservation | None = None
+    relay: asyncio.Task[None] | None = None
+
+    def stop(self) -> None:
+        if self.relay is not None:
+            self.relay.cancel()
+        if self.observation is not None:
+            self.observation.cancel()
+        self.relay = self.observation = None
+
+
+class FanIn:
+    """The local watchers of one remote presentity share one observation at its gateway
+    (``FETCH /p/{presentity}`` with Observe, listing them); that gateway still decides for
+    each watcher and answers each distinct view once. Joining or leaving re-registers
+    the observation with the new list. ``on_update(presentity, watchers)`` is called with
+    the watchers whose view changed; :meth:`view_of` gives a watcher's."""
+
+    def __init__(self, federation: Federation, on_update: Callable[[UserId, set[UserId]], None]) -> None:
+        self.federation = federation
+        self.on_update = on_update
+        self.groups: dict[UserId, FanInGroup] = {}
+
+    async def join(self, presentity: UserId, watcher: UserId) -> None:
+        group = self.groups.get(presentity)
+        if group is None:
+            group = self.groups[presentity] = FanInGroup(presentity, set(), asyncio.Lock())
+        if watcher not in group.wanted and len(group.wanted) >= codec.MAX_FAN_IN:
+            raise FanInFull(presentity)
+        group.wanted.add(watcher)
+        async with group.lock:
+            if watcher in group.watchers and group.error is None:
+                return
+            try:
+                await self._register(group, tuple(sorted(group.wanted)))
+            except Exception:
+                group.wanted.discard(watcher)
+                if not group.wanted:
+                    self._drop(group)
+                raise
+
+    def view_of(self, presentity: UserId, watcher: UserId) -> bytes | int | PeerAnswer:
+        group = self.groups.get(presentity)
+        if group is None or group.views is None or watcher not in group.views:
+            return PeerAnswer(Code.SERVICE_UNAVAILABLE, b"no observation at the peer", {})
+        if group.error is not None:
+            return group.error
+        return group.views[watcher]
+
+    async def leave(self, presentity: UserId, watcher: UserId) -> None:
+        group = self.groups.get(presentity)
+        if group is None:
+            return
+        group.wanted.discard(watcher)
+        async with group.lock:
+            if not group.wanted:
+                self._drop(group)
+            elif watcher in group.watchers:
+                with contextlib.suppress(Exception):  # the views of the others stay as they were
+                    await self._register(group, tuple(sorted(group.wanted)))
+
+    def close(self) -> None:
+        for group in list(self.groups.values()):
+            self._drop(group)
+
+    def _drop(self, group: FanInGroup) -> None:
+        group.stop()
+        if self.groups.get(group.presentity) is group:
+            del self.groups[group.presentity]
+
+    async def _register(self, group: FanInGroup, watchers: tuple[UserId, ...]) -> None:
+        remote = await self.federation.observe(
+            "p", group.presentity, None, code=Code.FETCH, payload=codec.encode_watcher_list(watchers)
+        )
+        try:
+            views = self._views(remote.latest, watchers)
+        except Exception:
+            remote.cancel()
+            raise
+        before = group.views or {}
+        group.stop()
+        group.observation, group.watchers, group.views, group.error = remote, watchers, views, None
+        group.relay = asyncio.get_running_loop().create_task(self._relay(group, remote))
+        # A change that came while re-registering shows only in the new first answer.
+        changed = {w for w, v in views.items() if w in before and before[w] != v}
+        if changed:
+            self.on_update(group.presentity, changed)
+
+    @staticmethod
+    def _views(answer: PeerAnswer, watchers: tuple[UserId, ...]) -> dict[UserId, bytes | int]:
+        answer.raise_for_error()
+        try:
+            views, of = codec.decode_fan_in(answer.payload, len(watchers))
+        except CodecError as exc:
+            raise PeerUnavailable("peer gateway answered nonsense") from exc
+        return {w: (views[i] if i >= 0 else i) for w, i in zip(watchers, of, strict=True)}
+
+    async def _relay(self, group: FanInGroup, remote: RemoteObservation) -> None:
+        async for answer in remote.updates():
+            if group.observation is not remote:
+                return
+            before = group.views or {}
+            try:
+                group.views = self._views(answer, group.watchers)
+            except (PeerRefused, PeerUnavailable):
+                group.error = answer if not answer.code.is_successful() else PeerAnswer(
+                    Code.SERVICE_UNAVAILABLE, b"peer gateway answered nonsense", {}
+                )
+                self.on_update(group.presentity, set(group.watchers))
+                continue
+            self.on_update(group.presentity, {w for w, v in group.views.items() if before.get(w) != v})

@@ -132,7 +132,7 @@ async def test_presence_across_domains_with_remote_rules(pair: Pair) -> None:
         return await bob.watchers() == []
 
     await eventually(gone, timeout=10)
-    assert not pair.a.presence.remote_observations
+    assert pair.a.presence.fan_in is not None and not pair.a.presence.fan_in.groups
 
 
 async def test_a_peer_speaks_only_for_its_own_domain(pair: Pair, tmp_path: Path) -> None:
@@ -202,9 +202,17 @@ async def test_a_subscriber_watches_presentities_in_200_domains(tmp_path: Path) 
         creds = keys_a.provision(ALICE, tmp_path / "devices", uri)
         alice = await DeviceClient.create(uri, ALICE, timeout=20, credentials=creds.credentials_file)
         watches = [alice.watch(p) for p in presentities]
-        firsts = await asyncio.gather(*(asyncio.wait_for(anext(w), 30) for w in watches))
+        # One device sends at most 16 at once: its gateway's OSCORE replay window is 32.
+        slots = asyncio.Semaphore(16)
+
+        async def registered(watch: AsyncIterator[PresenceDocument]) -> PresenceDocument:
+            async with slots:
+                return await asyncio.wait_for(anext(watch), 30)
+
+        firsts = await asyncio.gather(*(registered(w) for w in watches))
         assert {doc.status for doc in firsts} == {Status.CLOSED}
-        assert b.presence.observation_count() == 200 and len(a.presence.remote_observations) == 200
+        assert a.presence.fan_in is not None and len(a.presence.fan_in.groups) == 200
+        assert b.presence.observation_count() == 200
         for n, user in enumerate(presentities):
             await b.service.publish_presence(user, PresenceDocument(Status.OPEN, note=f"in d{n}"), user)
         seconds = await asyncio.gather(*(asyncio.wait_for(anext(w), 30) for w in watches))
@@ -216,3 +224,50 @@ async def test_a_subscriber_watches_presentities_in_200_domains(tmp_path: Path) 
             await alice.close()
         await a.close()
         await b.close()
+
+
+async def test_local_watchers_share_one_observation_at_the_peer(pair: Pair) -> None:
+    """Fan-in: Alice and Amy (a.example) watch Bob (b.example) through one observation at
+    Bob's gateway, which still decides for each: Amy sees another view, Alex is refused,
+    and Bob can cancel Alice alone."""
+    from gateway.core.access import Field, View
+
+    amy = UserId("amy@a.example")
+    await pair.a.service.register(UserRecord(amy))
+    alice, alex, amy_device, bob = (
+        await pair.device(ALICE), await pair.device(ALEX), await pair.device(amy), await pair.device(BOB)
+    )
+    await bob.put_rules(
+        AccessRules(
+            subscribers=("alice@a.example", "amy@a.example"),
+            views={"amy@a.example": View(Field(0), note="busy")},
+        )
+    )
+    await bob.publish(PresenceDocument(Status.OPEN, note="in the lab"))
+    alice_updates, amy_updates = alice.watch(BOB), amy_device.watch(BOB)
+    assert (await asyncio.wait_for(anext(alice_updates), 10)).note == "in the lab"
+    assert (await asyncio.wait_for(anext(amy_updates), 10)).note == "busy"
+    with pytest.raises(RequestFailed) as refused:
+        await anext(alex.watch(BOB))
+    assert refused.value.code == Code.FORBIDDEN
+    assert pair.b.presence.observation_count() == 1  # one observation at Bob's gateway for both
+    assert sorted(w.watcher for w in await bob.watchers()) == [ALICE, amy]
+
+    await bob.publish(PresenceDocument(Status.OPEN, note="back at my desk"))
+    assert (await asyncio.wait_for(anext(alice_updates), 10)).note == "back at my desk"
+    amy_doc = await asyncio.wait_for(anext(amy_updates), 10)
+    assert (amy_doc.status, amy_doc.note) == (Status.OPEN, "busy")
+
+    await bob.cancel_watcher(ALICE)
+    assert [w.watcher for w in await bob.watchers()] == [amy]
+    await bob.publish(PresenceDocument(Status.CLOSED, note="gone home"))
+    assert (await asyncio.wait_for(anext(amy_updates), 10)).status is Status.CLOSED
+    # Alice's watch ended with the cancellation (device_sim's watch skips error
+    # notifications, so look at her subscriptions at her own gateway)
+    await eventually(lambda: _no_subscription(alice), timeout=10)
+    await alice_updates.aclose()
+    await amy_updates.aclose()
+
+
+async def _no_subscription(client: DeviceClient) -> bool:
+    return [s for s in await client.subscriptions() if s.state.name == "ACTIVE"] == []

@@ -88,7 +88,8 @@ async def _observe_records(device: DeviceClient, queue: asyncio.Queue[Any]) -> a
                 if notification.code.is_successful():
                     yield codec.decode_records(notification.payload, device.contact_list)
         finally:
-            request.observation.cancel()
+            if not request.observation.cancelled:  # an error notification already ended it
+                request.observation.cancel()
 
     return asyncio.create_task(_pump(records(), queue))
 

@@ -15,6 +15,7 @@ with its cursor.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 from collections import defaultdict
 from collections.abc import Callable, Coroutine
@@ -32,14 +33,17 @@ from ..core.access import ReadKind, Verdict
 from ..core.errors import (
     BadOption,
     BadRequest,
+    Forbidden,
     GatewayError,
     MethodNotAllowed,
     NotAcceptable,
     NotFound,
     PayloadTooLarge,
+    PeerUnavailable,
     StoreUnavailable,
+    Unauthorized,
 )
-from ..core.ids import UserId, parse_address, parse_user_id
+from ..core.ids import UserId, domain_of, parse_address, parse_user_id
 from ..core.model import Seq
 from ..core.subscriptions import Subscription, SubscriptionRegistry, SubscriptionState
 from ..keys import PeerClaim
@@ -296,9 +300,19 @@ class PresenceResource(PerUserResource):
         self._last_sent: dict[int, tuple[bytes, int]] = {}  # delta watchers: request id -> (body, version)
         self._notification_state: dict[int, tuple[int, float]] = {}  # request id -> (NONs since CON, last CON)
         self.federation: federation.Federation | None = None  # set when federation is on
+        self.fan_in: federation.FanIn | None = None
+        self._fan_in_local: dict[int, tuple[UserId, UserId]] = {}  # request id -> (remote presentity, watcher)
         # request id -> its observation at the peer gateway (a remote presentity)
         self.remote_observations: dict[int, federation.RemoteObservation] = {}
         self._relays: dict[int, asyncio.Task[None]] = {}
+        # Fan-in observations from peer gateways, by request id (keys: one subscription per watcher)
+        self._fan_in_first: dict[int, tuple[tuple[UserId, ...], list[Verdict | None]]] = {}
+        self._fan_in_keys: dict[int, list[int]] = {}
+        self._fan_in_cancelled: dict[int, set[UserId]] = {}
+        # observation id -> (request id, watchers)
+        self._fan_in_watchers: dict[int, tuple[int, tuple[UserId, ...]]] = {}
+        self._fan_in_peer: dict[int, str | None] = {}  # observation id -> the peer's domain
+        self._fan_in_key_counter = itertools.count(1 << 62)  # apart from id() keys
 
     async def do_get(self, user: UserId, request: Message) -> Message:
         query = _query(request, {"d", "n"})
@@ -338,6 +352,8 @@ class PresenceResource(PerUserResource):
             raise NotFound("domain not served here")  # no relaying between two other domains
         if request.opt.observe != 0:
             answer = await self.federation.request(Code.GET, "p", user, requester)
+        elif requester is not None and self.fan_in is not None and id(request) not in self.remote_observations:
+            return await self._fan_in_view(user, requester, request)
         else:
             remote = self.remote_observations.get(id(request))
             if remote is None:
@@ -348,6 +364,47 @@ class PresenceResource(PerUserResource):
         answer.raise_for_error()
         return Message(code=answer.code, payload=answer.payload, **answer.options)
 
+    async def _fan_in_view(self, user: UserId, watcher: UserId, request: Message) -> Message:
+        """This watcher's view from the observation it shares with the other local
+        watchers of ``user`` at the peer (federation.FanIn); past the limit of one shared
+        observation, a watcher of its own (the ``else`` of :meth:`_remote_get`)."""
+        assert self.fan_in is not None and self.federation is not None
+        if id(request) not in self._fan_in_local:
+            try:
+                await self.fan_in.join(user, watcher)
+            except federation.FanInFull:
+                remote = await self.federation.observe("p", user, watcher)
+                self.remote_observations[id(request)] = remote
+                self._relays[id(request)] = asyncio.get_running_loop().create_task(self._relay(id(request), remote))
+                remote.latest.raise_for_error()
+                return Message(code=remote.latest.code, payload=remote.latest.payload, **remote.latest.options)
+            self._fan_in_local[id(request)] = (user, watcher)
+        view = self.fan_in.view_of(user, watcher)
+        if isinstance(view, federation.PeerAnswer):
+            view.raise_for_error()
+            raise PeerUnavailable("peer observation ended")
+        if view == codec.FAN_IN_REFUSED:
+            raise Forbidden(f"refused by {user}")
+        if view == codec.FAN_IN_CANCELLED:
+            raise Forbidden(f"subscription cancelled by {user}")
+        assert isinstance(view, bytes)
+        doc = codec.decode_presence_view(view)
+        max_age = presence.max_age(doc, self.service.now())
+        age_option = {} if max_age == COAP_DEFAULT_MAX_AGE else {"max_age": max_age}
+        return self.respond(request, view, etag=presence.representation_etag(doc, view), **age_option)
+
+    def fan_in_updated(self, presentity: UserId, watchers: set[UserId]) -> None:
+        for request_id, (user, watcher) in list(self._fan_in_local.items()):
+            obs = self._observation_by_request.get(request_id)
+            if user == presentity and watcher in watchers and obs is not None:
+                obs.trigger()
+
+    def _leave_fan_in(self, request_id: int) -> None:
+        entry = self._fan_in_local.pop(request_id, None)
+        if entry is None or self.fan_in is None or entry in self._fan_in_local.values():
+            return  # another local observation of the same watcher still needs it
+        asyncio.get_running_loop().create_task(self.fan_in.leave(*entry))
+
     async def _relay(self, request_id: int, remote: federation.RemoteObservation) -> None:
         async for _ in remote.updates():
             obs = self._observation_by_request.get(request_id)
@@ -355,12 +412,98 @@ class PresenceResource(PerUserResource):
                 obs.trigger()  # re-rendered from remote.latest
 
     def drop_remote(self, request_id: int) -> None:
+        self._leave_fan_in(request_id)
         remote = self.remote_observations.pop(request_id, None)
         if remote is not None:
             remote.cancel()
         relay = self._relays.pop(request_id, None)
         if relay is not None:
             relay.cancel()
+
+    # Fan-in, serving side: one observation from a peer gateway for several of its users.
+
+    async def do_fetch(self, user: UserId, request: Message) -> Message:
+        """``FETCH /p/{user}`` (Observe optional) from a peer gateway, whose body lists
+        watchers of its own domain: each gets the view this presentity's rules give it,
+        each distinct view is sent once (docs/protocol.md 1.4, fan-in)."""
+        peer = federation.peer_of(request)
+        if peer is None:
+            raise MethodNotAllowed("FETCH /p is for peer gateways (fan-in)")
+        _query(request, set())
+        watchers = codec.decode_watcher_list(self.body_of(request))
+        for watcher in watchers:
+            if domain_of(watcher) != peer.domain:
+                raise Forbidden(f"the gateway of {peer.domain} may speak only for its own users")
+        kind = ReadKind.FETCH if request.opt.observe is None else ReadKind.SUBSCRIBE
+        keys = self._fan_in_keys.get(id(request))
+        cancelled = self._fan_in_cancelled.get(id(request), set())
+        views: list[bytes] = []
+        of: list[int] = []
+        verdicts: list[Verdict | None] = []
+        for watcher in watchers:
+            if watcher in cancelled:
+                of.append(codec.FAN_IN_CANCELLED)
+                verdicts.append(None)
+                continue
+            try:
+                view = await self.service.view_presence(user, watcher, kind)
+            except (Forbidden, Unauthorized):
+                of.append(codec.FAN_IN_REFUSED)
+                verdicts.append(Verdict.REFUSED)
+                continue
+            body = codec.encode_presence(view.document)
+            if body not in views:
+                views.append(body)
+            of.append(views.index(body))
+            verdicts.append(view.verdict)
+        if keys is not None:  # a notification: keep each watcher's subscription current
+            for key, verdict in zip(keys, verdicts, strict=True):
+                if verdict is None or verdict is Verdict.REFUSED:
+                    self.subscriptions.end(key, SubscriptionState.REFUSED if verdict else None, self.service.now())
+                else:
+                    self.subscriptions.update_block(key, verdict is Verdict.POLITELY_BLOCKED)
+        else:
+            self._fan_in_first[id(request)] = (watchers, verdicts)
+        return self.respond(request, codec.encode_fan_in(views, of), max_age=0)
+
+    def _fan_in_started(self, user: UserId, request: Message, serverobservation: Any) -> bool:
+        first = self._fan_in_first.pop(id(request), None)
+        if first is None:
+            return False
+        keys = []
+        for watcher, verdict in zip(*first, strict=True):
+            key = next(self._fan_in_key_counter)
+            keys.append(key)
+            if verdict is not None and verdict is not Verdict.REFUSED:
+                subscription = Subscription(watcher, user, self.service.now(), verdict is Verdict.POLITELY_BLOCKED)
+                self.subscriptions.add(key, subscription)
+                self.on_watch_change(user, watcher)
+        self._fan_in_keys[id(request)] = keys
+        self._fan_in_watchers[id(serverobservation)] = (id(request), first[0])
+        self._observation_by_request[id(request)] = serverobservation
+        # A peer re-registers when its set of watchers changes; the observation this one
+        # replaces ends now (aiocoap's client cannot deregister, and a lazy end would
+        # list its watchers twice until the next notification).
+        peer = federation.peer_of(request)
+        for other in list(self.observers.get(user, ())):
+            if other is not serverobservation and id(other) in self._fan_in_watchers:
+                if self._fan_in_peer.get(id(other)) == (peer.domain if peer else None):
+                    other.trigger(Message(code=Code.CONFLICT, payload=b"superseded by a newer fan-in observation"))
+        self._fan_in_peer[id(serverobservation)] = peer.domain if peer else None
+        return True
+
+    def _fan_in_ended(self, user: UserId, serverobservation: Any) -> bool:
+        self._fan_in_peer.pop(id(serverobservation), None)
+        entry = self._fan_in_watchers.pop(id(serverobservation), None)
+        if entry is None:
+            return False
+        request_id, watchers = entry
+        self._fan_in_cancelled.pop(request_id, None)
+        self._observation_by_request.pop(request_id, None)
+        for key, watcher in zip(self._fan_in_keys.pop(request_id, []), watchers, strict=False):
+            if self.subscriptions.end(key, None, self.service.now()) is not None:
+                self.on_watch_change(user, watcher)
+        return True
 
     def _notification_tuning(self, request_id: int) -> TransportTuning:
         """For a watcher that asked (``?n``, devices on lossy, slow links): presence
@@ -387,6 +530,8 @@ class PresenceResource(PerUserResource):
         return codec.presence_patch(previous[0], body, previous[1]) or body
 
     def observation_started(self, user: UserId, request: Message, serverobservation: Any) -> None:
+        if self._fan_in_started(user, request, serverobservation):
+            return
         verdict = self._verdict_of_first_render.pop(id(request), Verdict.GRANTED)
         watcher = requester_of(request)
         self._observation_by_request[id(request)] = serverobservation
@@ -397,6 +542,8 @@ class PresenceResource(PerUserResource):
         self.on_watch_change(user, watcher)
 
     def observation_ended(self, user: UserId, requester: Requester, serverobservation: Any, peer: str | None) -> None:
+        if self._fan_in_ended(user, serverobservation):
+            return
         for request_id, obs in list(self._observation_by_request.items()):
             if obs is serverobservation:
                 del self._observation_by_request[request_id]
@@ -427,6 +574,16 @@ class PresenceResource(PerUserResource):
         state = SubscriptionState.CANCELLED_BY_ADMINISTRATOR if by_admin else SubscriptionState.CANCELLED_BY_PRESENTITY
         ended = 0
         for obs in list(self.observers.get(presentity, ())):
+            fan_in = self._fan_in_watchers.get(id(obs))
+            if fan_in is not None and watcher in fan_in[1]:
+                # Shared with other watchers: this one alone is told, in the next answer.
+                request_id, watchers = fan_in
+                self._fan_in_cancelled.setdefault(request_id, set()).add(watcher)
+                key = self._fan_in_keys[request_id][watchers.index(watcher)]
+                self.subscriptions.end(key, state, self.service.now())
+                obs.trigger()
+                ended += 1
+                continue
             if self.observer_of.get(obs, "?") == watcher:
                 self._end_reason[id(obs)] = state
                 # A fresh Message per observer: aiocoap mutates what it sends.

@@ -663,3 +663,43 @@ def decode_subscriptions(data: bytes) -> list[subscriptions.SubscriptionStatus]:
             raise CodecError("subscription: bad state") from exc
         out.append(subscriptions.SubscriptionStatus(_user(item[0], "presentity"), state, _uint(item[2], "time", 2**63)))
     return out
+
+
+# -- fan-in between gateways (docs/protocol.md 1.4) -----------------------------------------
+
+MAX_FAN_IN = 64  # watchers per shared observation: the answer must fit one notification
+FAN_IN_REFUSED = -1  # this watcher may not see the presentity (its rules)
+FAN_IN_CANCELLED = -2  # the presentity (or an administrator) cancelled this watcher
+
+
+def encode_watcher_list(watchers: Sequence[UserId]) -> bytes:
+    return _dumps(list(watchers))
+
+
+def decode_watcher_list(data: bytes) -> tuple[UserId, ...]:
+    value = _loads(data)
+    if not isinstance(value, list) or not 1 <= len(value) <= MAX_FAN_IN:
+        raise CodecError(f"watchers: array of 1..{MAX_FAN_IN} identifiers expected")
+    watchers = tuple(_user(v, "watcher") for v in value)
+    if len(set(watchers)) != len(watchers):
+        raise CodecError("watchers: each at most once")
+    return watchers
+
+
+def encode_fan_in(views: Sequence[bytes], of: Sequence[int]) -> bytes:
+    """Each distinct view once (encoded presence documents, as bytes), and for each
+    watcher of the request, in its order, the index of its view or a negative verdict."""
+    return _dumps([list(views), list(of)])
+
+
+def decode_fan_in(data: bytes, watchers: int) -> tuple[list[bytes], list[int]]:
+    value = _loads(data)
+    if not (isinstance(value, list) and len(value) == 2 and isinstance(value[0], list) and isinstance(value[1], list)):
+        raise CodecError("fan-in: [views, of] expected")
+    views, of = value
+    if not all(isinstance(v, bytes) for v in views) or len(of) != watchers:
+        raise CodecError("fan-in: views must be bytes, one entry per watcher")
+    for index in of:
+        if isinstance(index, bool) or not isinstance(index, int) or not FAN_IN_CANCELLED <= index < len(views):
+            raise CodecError("fan-in: bad view index")
+    return views, of
