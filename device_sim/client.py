@@ -27,7 +27,7 @@ from aiocoap import Code, Message
 from aiocoap.numbers.constants import TransportTuning
 from aiocoap.proxy.client import ProxyForwarder
 
-from gateway.coap import observe_cancel
+from gateway.coap import observe_cancel, oscore_outer
 from gateway.core import codec
 from gateway.core.access import ANONYMOUS, AccessRules
 from gateway.core.compression import Dictionary, DictionaryRegistry
@@ -195,6 +195,7 @@ class DeviceClient:
         ``message_ids`` makes the ids of sent IMs (a :class:`MessageIdCounter` for
         short ones)."""
         observe_cancel.install()  # so that a cancelled watch ends at the gateway too
+        oscore_outer.install()  # so that a forward proxy can route a protected request
         context = await aiocoap.Context.create_client_context(transports=["oscore", "udp6", "tcpclient", "ws"])
         if credentials is not None:
             data = json.loads(Path(credentials).read_text()) if isinstance(credentials, Path) else credentials
