@@ -136,8 +136,10 @@ class GatewayService:
 
     # -- access rules --------------------------------------------------------------
 
-    def is_admin(self, requester: Requester) -> bool:
-        return requester is not None and requester in self.admins
+    def is_admin_of(self, requester: Requester, user: UserId) -> bool:
+        """An administrator of ``user``'s domain: each domain is administered on its own
+        (RFC 2779 2.1.4), also when one gateway serves several."""
+        return requester is not None and requester in self.admins and domain_of(requester) == domain_of(user)
 
     async def rules_of(self, user: UserId) -> AccessRules:
         return await self.store.get_rules(user) or access.DEFAULT_RULES
@@ -149,7 +151,7 @@ class GatewayService:
 
     def _require_owner(self, user: UserId, requester: Requester, what: str, *, admin_too: bool) -> None:
         """The principal itself; with ``admin_too``, an administrator as well."""
-        if self._require_principal(requester, what) != user and not (admin_too and self.is_admin(requester)):
+        if self._require_principal(requester, what) != user and not (admin_too and self.is_admin_of(requester, user)):
             raise Forbidden(f"only {user} may {what}")
 
     async def _known(self, user: UserId, requester: Requester, what: str) -> None:

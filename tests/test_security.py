@@ -18,7 +18,7 @@ from gateway.app import Gateway
 from gateway.core import codec
 from gateway.core.access import AccessRules, Field, View
 from gateway.core.ids import UserId
-from gateway.core.model import Contact, InstantMessage, MessageId, PresenceDocument, Status
+from gateway.core.model import Contact, InstantMessage, MessageId, PresenceDocument, Status, UserRecord
 from gateway.core.subscriptions import SubscriptionState
 
 from .conftest import ADMIN, ALICE, BOB, CAROL, ManualClock, eventually, keystore_of
@@ -532,3 +532,35 @@ async def test_signed_presence_document(device: MakeDevice) -> None:
             e2e.verify_presence(forged, ALICE, bundle.signing)
     with pytest.raises(e2e.VerificationError):
         e2e.verify_presence(seen, BOB, bundle.signing)  # not transferable to another presentity
+
+
+async def test_each_domain_has_its_own_administrators(tmp_path: Path) -> None:
+    """RFC 2779 2.1.4: one gateway serving two domains; an administrator of one has no
+    power over the users of the other."""
+    from gateway.keys import KeyStore
+
+    olga, other_root = UserId("olga@other.example"), UserId("root@other.example")
+    keys = KeyStore(tmp_path / "keys")
+    gateway = await Gateway.start(
+        bind=("127.0.0.1", 0), store=f"sqlite:{tmp_path / 'gw.db'}", domains=["example.org", "other.example"],
+        keys=keys, admins=[ADMIN, other_root],
+    )
+    clients = []
+    try:
+        for user in (ALICE, olga, ADMIN, other_root):
+            await gateway.service.register(UserRecord(user))
+        uri = f"coap://127.0.0.1:{gateway.port}"
+        for user in (ADMIN, other_root):
+            creds = keys.provision(user, tmp_path / "devices", uri)
+            clients.append(await DeviceClient.create(uri, user, timeout=10, credentials=creds.credentials_file))
+        root, other = clients
+        assert (await root.request(Code.GET, f"/r/{ALICE}")).code == Code.CONTENT
+        assert (await other.request(Code.GET, f"/r/{olga}")).code == Code.CONTENT
+        for admin, user in ((root, olga), (other, ALICE)):
+            for path in (f"/r/{user}", f"/w/{user}", f"/s/{user}"):
+                response = await admin.request(Code.GET, path)
+                assert response.code == Code.FORBIDDEN, (admin.user, path)
+    finally:
+        for client in clients:
+            await client.close()
+        await gateway.close()
