@@ -42,6 +42,12 @@ Requester = UserId | None
 
 
 @dataclass(frozen=True, slots=True)
+class PresenceSnapshot:
+    rules: AccessRules
+    document: PresenceDocument | None  # None: not read yet
+
+
+@dataclass(frozen=True, slots=True)
 class PresenceView:
     """The document as one requester may see it, and why."""
 
@@ -243,18 +249,29 @@ class GatewayService:
 
     # -- presence ------------------------------------------------------------------
 
-    async def view_presence(self, user: UserId, requester: Requester, kind: ReadKind) -> PresenceView:
-        """Fetch (or render a notification) under the presentity's rules (2.3.1-2.3.3).
-        The rules apply whether or not the presentity is in contact."""
-        if requester is None and await self.store.get_user(user) is None:
-            raise Unauthorized("authenticate (OSCORE) to see this presence")
+    async def presence_snapshot(self, user: UserId) -> PresenceSnapshot:
+        """The document and rules of a presentity as they are now: one read of the store
+        to render the notifications of all its watchers after a change."""
         await self._presentity(user)
-        decision = access.decide_read(await self.rules_of(user), user, requester, kind)
+        return PresenceSnapshot(await self.rules_of(user), await self.store.get_presence(user) or PresenceDocument())
+
+    async def view_presence(
+        self, user: UserId, requester: Requester, kind: ReadKind, snapshot: PresenceSnapshot | None = None
+    ) -> PresenceView:
+        """Fetch (or render a notification) under the presentity's rules (2.3.1-2.3.3).
+        The rules apply whether or not the presentity is in contact. ``snapshot``: taken
+        by :meth:`presence_snapshot` since the last change, instead of reading the store."""
+        if snapshot is None:
+            if requester is None and await self.store.get_user(user) is None:
+                raise Unauthorized("authenticate (OSCORE) to see this presence")
+            await self._presentity(user)
+            snapshot = PresenceSnapshot(await self.rules_of(user), None)
+        decision = access.decide_read(snapshot.rules, user, requester, kind)
         if decision.verdict is Verdict.REFUSED:
             raise Forbidden(f"refused by {user}")
         if decision.verdict is Verdict.AUTHENTICATE:
             raise Unauthorized("authenticate (OSCORE) to see this presence")
-        doc = await self.store.get_presence(user) or PresenceDocument()
+        doc = snapshot.document or await self.store.get_presence(user) or PresenceDocument()
         if decision.verdict is Verdict.POLITELY_BLOCKED:
             return PresenceView(access.polite_view(doc), decision.verdict)
         return PresenceView(access.apply_view(doc, decision.view), decision.verdict)

@@ -47,7 +47,7 @@ from ..core.ids import UserId, domain_of, parse_address, parse_user_id
 from ..core.model import Seq
 from ..core.subscriptions import Subscription, SubscriptionRegistry, SubscriptionState
 from ..keys import PeerClaim
-from ..service import GatewayService, Requester
+from ..service import GatewayService, PresenceSnapshot, Requester
 from .errors import error_to_response
 
 log = logging.getLogger(__name__)
@@ -299,6 +299,7 @@ class PresenceResource(PerUserResource):
         self._end_reason: dict[int, SubscriptionState] = {}
         self._last_sent: dict[int, tuple[bytes, int]] = {}  # delta watchers: request id -> (body, version)
         self._notification_state: dict[int, tuple[int, float]] = {}  # request id -> (NONs since CON, last CON)
+        self._snapshots: dict[UserId, asyncio.Future[PresenceSnapshot]] = {}  # taken at the latest change
         self.federation: federation.Federation | None = None  # set when federation is on
         self.fan_in: federation.FanIn | None = None
         self._fan_in_local: dict[int, tuple[UserId, UserId]] = {}  # request id -> (remote presentity, watcher)
@@ -321,7 +322,9 @@ class PresenceResource(PerUserResource):
         subscribing = request.opt.observe == 0
         # A deregistration (Observe 1) is subscription business too.
         kind = ReadKind.FETCH if request.opt.observe is None else ReadKind.SUBSCRIBE
-        view = await self.service.view_presence(user, requester_of(request), kind)
+        renotifying = subscribing and id(request) in self._observation_by_request
+        snapshot = await self._snapshot(user) if renotifying else None
+        view = await self.service.view_presence(user, requester_of(request), kind, snapshot)
         if subscribing:
             obs = self._observation_by_request.get(id(request))
             if obs is None:
@@ -342,6 +345,23 @@ class PresenceResource(PerUserResource):
         if subscribing and "d" in query:
             return self.respond(request, self._delta(request, body, doc.version), **options)
         return self.respond(request, body, **options)
+
+    def notify(self, user: UserId) -> None:
+        # One read of the store for the notifications of every watcher (fan-out).
+        if self.observers.get(user):
+            task = asyncio.ensure_future(self.service.presence_snapshot(user))
+            task.add_done_callback(lambda done: done.cancelled() or done.exception())  # retrieved, even if unused
+            self._snapshots[user] = task
+        super().notify(user)
+
+    async def _snapshot(self, user: UserId) -> PresenceSnapshot | None:
+        task = self._snapshots.get(user)
+        if task is None:
+            return None
+        try:
+            return await asyncio.shield(task)
+        except GatewayError:
+            return None  # the regular path says what is wrong
 
     async def _remote_get(self, user: UserId, request: Message) -> Message:
         """A presentity of another domain: asked of its gateway for this requester, whose
@@ -436,6 +456,7 @@ class PresenceResource(PerUserResource):
                 raise Forbidden(f"the gateway of {peer.domain} may speak only for its own users")
         kind = ReadKind.FETCH if request.opt.observe is None else ReadKind.SUBSCRIBE
         keys = self._fan_in_keys.get(id(request))
+        snapshot = await self._snapshot(user) if keys is not None else None
         cancelled = self._fan_in_cancelled.get(id(request), set())
         views: list[bytes] = []
         of: list[int] = []
@@ -446,7 +467,7 @@ class PresenceResource(PerUserResource):
                 verdicts.append(None)
                 continue
             try:
-                view = await self.service.view_presence(user, watcher, kind)
+                view = await self.service.view_presence(user, watcher, kind, snapshot)
             except (Forbidden, Unauthorized):
                 of.append(codec.FAN_IN_REFUSED)
                 verdicts.append(Verdict.REFUSED)
@@ -542,6 +563,8 @@ class PresenceResource(PerUserResource):
         self.on_watch_change(user, watcher)
 
     def observation_ended(self, user: UserId, requester: Requester, serverobservation: Any, peer: str | None) -> None:
+        if not self.observers.get(user):
+            self._snapshots.pop(user, None)
         if self._fan_in_ended(user, serverobservation):
             return
         for request_id, obs in list(self._observation_by_request.items()):
