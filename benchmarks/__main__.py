@@ -11,6 +11,7 @@ import importlib
 import sys
 
 BENCHMARKS: dict[str, str] = {
+    "link": "benchmarks.link",
     "payload": "benchmarks.payload",
     "throughput": "benchmarks.throughput",
 }

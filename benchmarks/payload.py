@@ -209,8 +209,9 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
-def table(rows: list[list[Any]], header: list[str]) -> str:
-    cells = [header] + [[_fmt(c) for c in row] for row in rows]
+def table(rows: list[list[Any]], header: list[str], fmt: Callable[[Any], str] = _fmt) -> str:
+    """A plain-text table: first column left-aligned, the others right-aligned."""
+    cells = [header] + [[fmt(c) for c in row] for row in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
     lines = []
     for n, row in enumerate(cells):

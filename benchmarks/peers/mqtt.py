@@ -58,13 +58,15 @@ def _port_open(address: tuple[str, int]) -> bool:
 
 
 class _Client:
-    def __init__(self, name: str, address: tuple[str, int], version: int, ca: str | None) -> None:
+    def __init__(
+        self, name: str, address: tuple[str, int], version: int, ca: str | None, clean_session: bool = True
+    ) -> None:
         mqtt = _paho()
         self.mqtt = mqtt
         protocol = mqtt.MQTTv5 if version == 5 else mqtt.MQTTv311
         kwargs: dict[str, Any] = {"protocol": protocol}
         if version != 5:
-            kwargs["clean_session"] = True
+            kwargs["clean_session"] = clean_session
         self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=name, **kwargs)
         if ca is not None:
             self.client.tls_set(ca_certs=ca)
@@ -78,8 +80,8 @@ class _Client:
         self.address = address
         self.version = version
 
-    def connect(self) -> None:
-        self.client.connect(self.address[0], self.address[1], keepalive=600)
+    def connect(self, keepalive: int = 600) -> None:
+        self.client.connect(self.address[0], self.address[1], keepalive=keepalive)
         self.client.loop_start()
         rc = self.connected.get(timeout=TIMEOUT)
         if rc.is_failure:

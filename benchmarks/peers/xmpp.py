@@ -36,14 +36,15 @@ TIMEOUT = 10.0
 PASSWORDS = {"alice": "alice-secret-1", "bob": "bob-secret-2"}
 
 
-def _config(workdir: Path, port: int, cert: str, key: str) -> Path:
+def _config(workdir: Path, port: int, cert: str, key: str, interface: str = "127.0.0.1") -> Path:
+    """Prosody's config; ``interface`` is the address c2s listens on (benchmarks/link.py: a namespace's)."""
     conf = workdir / "prosody.cfg.lua"
     conf.write_text(
         f"""-- benchmark instance (benchmarks/peers/xmpp.py)
 pidfile = "{workdir}/prosody.pid"
 data_path = "{workdir}/data"
 certificates = "{workdir}"
-interfaces = {{ "127.0.0.1" }}
+interfaces = {{ "{interface}" }}
 c2s_ports = {{ {port} }}
 c2s_direct_tls_ports = {{ }}
 legacy_ssl_ports = {{ }}
