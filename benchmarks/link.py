@@ -700,7 +700,7 @@ def _systems(text: str) -> list[str]:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m benchmarks link", description=__doc__.splitlines()[0],
+    p = argparse.ArgumentParser(prog="python -m benchmarks link", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--profile", default="gprs", choices=profile_names(), help="link profile, default gprs")
     p.add_argument("--count", type=_positive, default=100, help="IMs, and presence changes, per system (100)")

@@ -714,7 +714,7 @@ async def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.link_client", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.link_client", description=__doc__.split("\n\n")[0])
     parser.add_argument("system", choices=SYSTEMS)
     parser.add_argument("--server", required=True, help="the server's address (gateway namespace)")
     parser.add_argument("--port", type=int, required=True)
