@@ -208,7 +208,13 @@ class Federation:
         return _answer(response)
 
     async def send_message(self, sender: UserId, recipient: UserId, body: bytes) -> Seq:
-        return Seq(await send_message(self, sender, recipient, body))
+        """POST an IM to the recipient's gateway for its sender; the seq it was stored under there."""
+        answer = await self.request(Code.POST, "i", recipient, sender, payload=body)
+        answer.raise_for_error()
+        try:
+            return Seq(codec.decode_seq(answer.payload))
+        except CodecError as exc:
+            raise PeerUnavailable(f"gateway of {domain_of(recipient)} answered nonsense") from exc
 
     async def observe(
         self, prefix: str, user: UserId, speaker: UserId | None, query: list[str] | None = None,
@@ -251,19 +257,6 @@ class RemoteObservation:
     def cancel(self) -> None:
         if not self.request.observation.cancelled:
             self.request.observation.cancel()
-
-
-async def send_message(federation: Federation, sender: UserId, recipient: UserId, body: bytes) -> int:
-    """POST an IM to the recipient's gateway as its sender's gateway; the seq it stored it under."""
-    from .core import codec
-    from .core.errors import CodecError
-
-    answer = await federation.request(Code.POST, "i", recipient, sender, payload=body)
-    answer.raise_for_error()
-    try:
-        return codec.decode_seq(answer.payload)
-    except CodecError as exc:
-        raise PeerUnavailable(f"gateway of {domain_of(recipient)} answered nonsense") from exc
 
 
 # -- fan-in: one observation at the peer for the local watchers of a remote presentity ----

@@ -4,11 +4,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import signal
 import socket
 import subprocess
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -75,3 +77,15 @@ def self_signed_cert(directory: Any, name: str = "example.org") -> tuple[str, st
             raise PeerUnavailable(f"openssl could not make a certificate: {result.stderr.decode()[-200:]}")
         os.chmod(key, 0o644)  # the servers may drop privileges before reading it
     return cert, key
+
+
+async def next_matching(queue: asyncio.Queue[Any], check: Callable[[Any], bool], timeout: float) -> Any:
+    """The next item from ``queue`` that passes ``check`` (others are dropped), within ``timeout``."""
+
+    async def loop() -> Any:
+        while True:
+            item = await queue.get()
+            if check(item):
+                return item
+
+    return await asyncio.wait_for(loop(), timeout)

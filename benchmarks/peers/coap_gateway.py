@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +36,7 @@ from gateway.core.model import DeliveryState, MessageId, PresenceDocument, Statu
 from gateway.dictionaries import load_registry
 from gateway.keys import KeyStore
 
-from . import SystemRun, content
+from . import SystemRun, content, next_matching
 from .meter import Meter, UdpRelay
 
 TIMEOUT = 10.0
@@ -63,14 +63,8 @@ async def _pump(iterator: AsyncIterator[Any], queue: asyncio.Queue[Any]) -> None
             await queue.put(item)
 
 
-async def _wait_for(queue: asyncio.Queue[Any], check: Callable[[Any], bool]) -> Any:
-    async def loop() -> Any:
-        while True:
-            item = await queue.get()
-            if check(item):
-                return item
-
-    return await asyncio.wait_for(loop(), TIMEOUT)
+async def _wait_for(queue: asyncio.Queue[Any], check: Any) -> Any:
+    return await next_matching(queue, check, TIMEOUT)
 
 
 async def _observe_records(device: DeviceClient, queue: asyncio.Queue[Any]) -> asyncio.Task[None]:

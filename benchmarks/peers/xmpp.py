@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import PeerUnavailable, SystemRun, content, free_tcp_port, self_signed_cert, stop_process, which
+from . import PeerUnavailable, SystemRun, content, free_tcp_port, next_matching, self_signed_cert, stop_process, which
 from .meter import Meter, TcpRelay
 
 TIMEOUT = 10.0
@@ -129,13 +129,7 @@ def _client_class() -> Any:
 
 
 async def _until(queue: asyncio.Queue[Any], check: Any) -> Any:
-    async def loop() -> Any:
-        while True:
-            item = await queue.get()
-            if check(item):
-                return item
-
-    return await asyncio.wait_for(loop(), TIMEOUT)
+    return await next_matching(queue, check, TIMEOUT)
 
 
 async def run(workdir: Path) -> SystemRun:

@@ -375,14 +375,22 @@ class PresenceResource(PerUserResource):
         elif requester is not None and self.fan_in is not None and id(request) not in self.remote_observations:
             return await self._fan_in_view(user, requester, request)
         else:
-            remote = self.remote_observations.get(id(request))
-            if remote is None:
-                remote = await self.federation.observe("p", user, requester)
-                self.remote_observations[id(request)] = remote
-                self._relays[id(request)] = asyncio.get_running_loop().create_task(self._relay(id(request), remote))
-            answer = remote.latest
+            answer = await self._own_remote_observation(user, requester, request)
         answer.raise_for_error()
         return Message(code=answer.code, payload=answer.payload, **answer.options)
+
+    async def _own_remote_observation(
+        self, user: UserId, watcher: Requester, request: Message
+    ) -> federation.PeerAnswer:
+        """The latest answer of the observation this local one holds at the peer on its
+        own (anonymous watchers, and watchers past the fan-in limit), made at first render."""
+        assert self.federation is not None
+        remote = self.remote_observations.get(id(request))
+        if remote is None:
+            remote = await self.federation.observe("p", user, watcher)
+            self.remote_observations[id(request)] = remote
+            self._relays[id(request)] = asyncio.get_running_loop().create_task(self._relay(id(request), remote))
+        return remote.latest
 
     async def _fan_in_view(self, user: UserId, watcher: UserId, request: Message) -> Message:
         """This watcher's view from the observation it shares with the other local
@@ -393,11 +401,9 @@ class PresenceResource(PerUserResource):
             try:
                 await self.fan_in.join(user, watcher)
             except federation.FanInFull:
-                remote = await self.federation.observe("p", user, watcher)
-                self.remote_observations[id(request)] = remote
-                self._relays[id(request)] = asyncio.get_running_loop().create_task(self._relay(id(request), remote))
-                remote.latest.raise_for_error()
-                return Message(code=remote.latest.code, payload=remote.latest.payload, **remote.latest.options)
+                answer = await self._own_remote_observation(user, watcher, request)
+                answer.raise_for_error()
+                return Message(code=answer.code, payload=answer.payload, **answer.options)
             self._fan_in_local[id(request)] = (user, watcher)
         view = self.fan_in.view_of(user, watcher)
         if isinstance(view, federation.PeerAnswer):
