@@ -25,6 +25,7 @@ from typing import Any
 import aiocoap
 from aiocoap import Code, Message
 from aiocoap.numbers.constants import TransportTuning
+from aiocoap.oscore import NotAProtectedMessage
 from aiocoap.proxy.client import ProxyForwarder
 
 from gateway.coap import observe_cancel, oscore_outer
@@ -222,9 +223,24 @@ class DeviceClient:
     async def request(self, code: Code, path: str, payload: bytes = b"", **options: object) -> Message:
         # No Content-Format option for plain CBOR: the gateway takes its absence as CBOR
         # (60), and the option would cost 2 bytes in every request.
-        msg = self.message(code=code, uri=self.base + path, payload=payload, **options)
-        response: Message = await asyncio.wait_for(self.requester.request(msg).response, self.timeout)
-        return response
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.timeout
+        while True:
+            msg = self.message(code=code, uri=self.base + path, payload=payload, **options)
+            try:
+                response: Message = await asyncio.wait_for(
+                    self.requester.request(msg).response, max(0.0, deadline - loop.time())
+                )
+                return response
+            except NotAProtectedMessage as exc:
+                # An unprotected answer to a protected request: only an error the gateway
+                # could not protect, such as 5.03 while our context moves between its
+                # processes (gateway/coap/handoff.py). Retry that one after its Max-Age.
+                plain = exc.plain_message
+                wait = plain.opt.max_age if plain.opt.max_age is not None else 60
+                if plain.code != Code.SERVICE_UNAVAILABLE or loop.time() + wait >= deadline:
+                    raise
+                await asyncio.sleep(wait)
 
     def at(self, user: UserId | None = None) -> str:
         """The path suffix naming ``user`` (default: this device's principal): the full
@@ -391,9 +407,7 @@ class DeviceClient:
         dropped here: the application sees each message once. When a notification
         says ``more``, the rest is fetched with the cursor."""
         flag = "?a" if self._names_by_number() else ""
-        request = self.requester.request(
-            self.message(code=Code.GET, uri=f"{self.base}/i{self.at()}{flag}", observe=0)
-        )
+        request = self.requester.request(self.message(code=Code.GET, uri=f"{self.base}/i{self.at()}{flag}", observe=0))
         first = await asyncio.wait_for(request.response, self.timeout)
         if not first.code.is_successful():
             raise RequestFailed(first.code, first.payload.decode("utf-8", "replace"))

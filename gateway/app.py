@@ -16,6 +16,7 @@ from aiocoap.oscore_sitewrapper import OscoreSiteWrapper
 
 from .bus import EventBus, SharedListener, open_bus
 from .coap import icmp
+from .coap.handoff import ContextHandoff
 from .coap.loop_errors import ContainedLoopErrors, raised_in
 from .coap.resources import CoapListener, InboxResource, PresenceResource, Resources
 from .coap.site import DeregistrationWatch, GatewaySite, WellKnownCore
@@ -96,6 +97,7 @@ class Gateway:
     _containment: ContainedLoopErrors | None = None
     send_guard: icmp.StaleErrorSafeSend | None = None
     federation: Federation | None = None
+    handoff: ContextHandoff | None = None
 
     @classmethod
     async def start(
@@ -135,10 +137,14 @@ class Gateway:
             site.add_resource([prefix], res)
 
         credentials = None
+        handoff = None
         protected: Any = site
         if keys is not None:
             credentials = KidIndexedCredentials(keys if isinstance(keys, KeyStore) else KeyStore(keys))
-            protected = OscoreSiteWrapper(site, credentials)
+            protected = handoff = ContextHandoff(
+                OscoreSiteWrapper(site, credentials), credentials, shared.ask_context, resources.end_observations_in
+            )
+            shared.on_context_asked = handoff.release
         root = DeregistrationWatch(protected)
 
         counters = Counters()
@@ -148,6 +154,7 @@ class Gateway:
         )
         gateway = cls(service, context, the_store, resources, credentials, root, event_bus, counters, sweep_interval)
         gateway._containment = containment
+        gateway.handoff = handoff
         granted = gateway.size_socket_buffers(udp_buffer)
         gateway.send_guard = icmp.install(gateway._udp_transport())
         log.debug("udp socket buffers: asked %d, granted %d", udp_buffer, granted)

@@ -7,6 +7,9 @@ watchers of a user may be attached to another process, so every change is also
 published on a Redis channel; each process notifies its own observers of changes
 made elsewhere. Events carry only (kind, user): notifications are rendered from the
 shared store, so a lost or late event costs at most a delay, never wrong content.
+
+One event is not a change: ``context`` (subject: a key id in hex) asks whichever
+process holds that OSCORE context to let it go (``coap/handoff.py``).
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from .service import ChangeListener
 
 log = logging.getLogger(__name__)
 
-KINDS = ("presence", "rules", "inbox", "records")
+KINDS = ("presence", "rules", "inbox", "records", "context")
 
 
 class EventBus(Protocol):
@@ -120,14 +123,27 @@ class SharedListener:
     def __init__(self, local: ChangeListener, bus: EventBus) -> None:
         self.local = local
         self.bus = bus
+        # Another process asks for a context (its key id): set by the OSCORE layer.
+        self.on_context_asked: Callable[[bytes], None] = lambda kid: None
 
     def deliver(self, kind: str, user: UserId) -> None:
+        if kind == "context":
+            try:
+                kid = bytes.fromhex(user)
+            except ValueError:
+                log.warning("ignoring a malformed context request")
+                return
+            self.on_context_asked(kid)
+            return
         {
             "presence": self.local.presence_changed,
             "rules": self.local.rules_changed,
             "inbox": self.local.inbox_changed,
             "records": self.local.records_changed,
         }[kind](user)
+
+    def ask_context(self, kid: bytes) -> None:
+        self.bus.publish("context", UserId(kid.hex()))
 
     def presence_changed(self, user: UserId) -> None:
         self.local.presence_changed(user)

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import filelock
 from aiocoap.credentials import CredentialsMap
 from aiocoap.oscore import COSE_KID, COSE_KID_CONTEXT, FilesystemSecurityContext
 
@@ -216,6 +217,29 @@ class KidIndexedCredentials(CredentialsMap):  # type: ignore[misc]
             context.authenticated_claims = [owner]
             self._by_kid[kid] = context
         return context
+
+    def held_elsewhere(self, kid: bytes) -> bool:
+        """Whether another process holds the lock of ``kid``'s context, which this
+        process therefore cannot load (``coap/handoff.py``). Loads it otherwise."""
+        try:
+            self.find_oscore({COSE_KID: kid})
+        except filelock.Timeout:
+            return True
+        except Exception:
+            return False  # no such context, or an unreadable one: find_oscore answers that
+        return False
+
+    def loaded(self, kid: bytes) -> FilesystemSecurityContext | None:
+        return self._by_kid.get(kid)
+
+    def let_go(self, kid: bytes) -> bool:
+        """Persist ``kid``'s exact sequence number and replay window, make the loaded
+        context unusable and release its lock, so another process can load it."""
+        context = self._by_kid.pop(kid, None)
+        if context is None or context.lockfile is None:
+            return False
+        context._destroy()
+        return True
 
     def revoked_owners(self) -> set[UserId]:
         """Forget cached contexts whose directory is gone; return whom they authenticated."""

@@ -12,6 +12,7 @@ from pathlib import Path
 import cbor2
 import pytest
 from aiocoap import Code, Message
+from aiocoap.oscore import NotAProtectedMessage
 
 from device_sim.client import DeviceClient, RequestFailed
 from gateway.app import Gateway
@@ -21,7 +22,7 @@ from gateway.core.ids import UserId
 from gateway.core.model import Contact, InstantMessage, MessageId, PresenceDocument, Status, UserRecord
 from gateway.core.subscriptions import SubscriptionState
 
-from .conftest import ADMIN, ALICE, BOB, CAROL, ManualClock, eventually, keystore_of
+from .conftest import ADMIN, ALICE, BOB, CAROL, ManualClock, eventually, keystore_of, start_gateway
 from .rawcoap import RawDevice
 
 MakeDevice = Callable[..., Awaitable[DeviceClient]]
@@ -381,6 +382,33 @@ async def test_replayed_protected_request_is_rejected(gateway: Gateway, device: 
     finally:
         raw.close()
     assert [m.message.payload for m in (await bob.fetch_inbox()).messages] == [b"pay 10"]
+
+
+async def test_a_context_another_process_holds_gets_503_not_a_crash(
+    gateway: Gateway, device: MakeDevice, clock: ManualClock, tmp_path: Path
+) -> None:
+    """Two gateway processes on one key directory and no event bus between them (a
+    misconfiguration: ``--workers`` needs one). The one that does not hold a device's
+    context cannot ask for it: an unprotected 5.03 with Max-Age 1 and a diagnostic,
+    after which the device tries again; the holder goes on serving the device."""
+    other = await start_gateway(tmp_path / "other.db", clock, keys=keystore_of(gateway))
+    assert other.handoff is not None
+    other.handoff.WAIT_SECONDS = 0.2
+    try:
+        alice = await device(ALICE)
+        await alice.publish(PresenceDocument(Status.OPEN, note="here"))
+        creds = alice.context.client_credentials
+        creds[f"coap://127.0.0.1:{other.port}/*"] = creds[f"coap://127.0.0.1:{gateway.port}/*"]
+        via_other = DeviceClient(alice.context, f"coap://127.0.0.1:{other.port}", ALICE, timeout=2, compact=True)
+        with pytest.raises(NotAProtectedMessage) as refused:
+            await via_other.fetch_presence(ALICE)
+        plain: Message = refused.value.plain_message
+        assert (plain.code, plain.opt.max_age) == (Code.SERVICE_UNAVAILABLE, 1), plain
+        assert b"in use by another gateway process" in plain.payload
+        assert other.handoff.busy_answers == 2  # answered, waited its Max-Age, tried again
+        assert (await alice.fetch_presence(ALICE)).note == "here"
+    finally:
+        await other.close()
 
 
 async def test_flipped_bit_is_rejected(gateway: Gateway, device: MakeDevice, tmp_path: Path) -> None:

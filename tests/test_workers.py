@@ -233,6 +233,54 @@ async def test_no_acked_message_lost_when_a_process_is_killed(shared: tuple[str,
         await bob.close()
 
 
+async def test_a_device_context_moves_to_the_process_it_reaches(
+    shared: tuple[str, str, Path], tmp_path: Path
+) -> None:
+    """Two processes on one key directory, as ``--workers`` are. Bob's device reaches
+    the second one (as after a NAT rebinding): it takes the context over from the first,
+    whose inbox watch ends with a protected 5.03, and answers; the device watches again
+    there and gets the next IM. Then back to the first. No unprotected error on the way,
+    and nobody is marked out of contact by the process the device left."""
+    store, bus, keys = shared
+    port_a, port_b = free_udp_port(), free_udp_port()
+    async with serve(port_a, store, bus, keys), serve(port_b, store, bus, keys):
+        alice = await device(keys, ALICE, port_a, tmp_path)
+        bob = await device(keys, BOB, port_a, tmp_path)
+        # One device, one context; the same context is used towards the second process.
+        creds = bob.context.client_credentials
+        creds[f"coap://127.0.0.1:{port_b}/*"] = creds[f"coap://127.0.0.1:{port_a}/*"]
+        bob_via_b = DeviceClient(bob.context, f"coap://127.0.0.1:{port_b}", BOB, compact=True)
+        try:
+            await bob.publish(PresenceDocument(Status.OPEN, note="on A"))
+            got: list[bytes] = []
+
+            async def watch(client: DeviceClient) -> None:
+                async for batch in client.watch_inbox():
+                    got.extend(m.message.payload for m in batch.messages)
+
+            on_a = asyncio.create_task(watch(bob))
+            await alice.send(BOB, "one")
+            await eventually(lambda: _true(got == [b"one"]))
+
+            await bob_via_b.publish(PresenceDocument(Status.OPEN, note="on B"))
+            # A let go: its watch ended (RFC 7641: an error notification ends it).
+            await asyncio.wait_for(on_a, 10)
+            on_b = asyncio.create_task(watch(bob_via_b))
+            await asyncio.sleep(0.5)
+            await alice.send(BOB, "two")
+            await eventually(lambda: _true(got[-1:] == [b"two"]))
+            on_b.cancel()
+            await asyncio.gather(on_b, return_exceptions=True)
+
+            # And back: A takes it over again, with the sequence numbers B left.
+            assert (await bob.fetch_presence(BOB)).note == "on B"
+            await asyncio.sleep(1.5)  # past the gateways' link-loss grace
+            assert (await alice.fetch_presence(BOB)).status == Status.OPEN
+        finally:
+            await alice.close()
+            await bob.close()
+
+
 async def test_workers_share_one_port(shared: tuple[str, str, Path], tmp_path: Path) -> None:
     store, bus, keys = shared
     port = free_udp_port()

@@ -154,6 +154,10 @@ class PerUserResource(resource.ObservableResource, resource.PathCapable):  # typ
         self.observer_of: dict[Any, Requester] = {}
         # observation -> the peer (host:port) whose request made it
         self.peer_of: dict[Any, str] = {}
+        # observation -> the OSCORE context its request came in (None: anonymous)
+        self.context_of: dict[Any, object] = {}
+        # ids of observations ended because their context moved to another process
+        self.moved_away: set[int] = set()
         self._awaiting_first_render: dict[int, Any] = {}
         self.closing = False
 
@@ -235,6 +239,7 @@ class PerUserResource(resource.ObservableResource, resource.PathCapable):  # typ
             self._awaiting_first_render.pop(id(request), None)
             requester = self.observer_of.pop(serverobservation, None)
             peer = self.peer_of.pop(serverobservation, None)
+            self.context_of.pop(serverobservation, None)
             for user, watchers in list(self.observers.items()):
                 if serverobservation in watchers:
                     watchers.discard(serverobservation)
@@ -242,6 +247,7 @@ class PerUserResource(resource.ObservableResource, resource.PathCapable):  # typ
                         del self.observers[user]
                     if not self.closing:
                         self.observation_ended(user, requester, serverobservation, peer)
+            self.moved_away.discard(id(serverobservation))
 
         # Always accept: aiocoap 0.4.17 calls the cancellation callback of every
         # observation it asked about, and logs a traceback if none was set.
@@ -252,6 +258,9 @@ class PerUserResource(resource.ObservableResource, resource.PathCapable):  # typ
         if serverobservation is not None:
             self.observers[user].add(serverobservation)
             self.observer_of[serverobservation] = requester_of(request)
+            context = getattr(request.remote, "security_context", None)
+            if context is not None:
+                self.context_of[serverobservation] = context
             self.peer_of[serverobservation] = request.remote.hostinfo
             self.observation_started(user, request, serverobservation)
 
@@ -651,6 +660,8 @@ class InboxResource(PerUserResource):
         return any(self.observer_of.get(obs) == user for obs in self.observers.get(user, ()))
 
     def observation_ended(self, user: UserId, requester: Requester, serverobservation: Any, peer: str | None) -> None:
+        if id(serverobservation) in self.moved_away:
+            return  # not gone: it speaks to another gateway process now
         # Only the owner's own device going silent says something about its presence.
         if requester == user and not self.owner_is_observing(user) and self.on_owner_gone is not None:
             asyncio.get_running_loop().create_task(self.on_owner_gone(user, peer))
@@ -876,5 +887,18 @@ class Resources:
                         self.presence.end_reason(obs, SubscriptionState.CANCELLED_BY_ADMINISTRATOR)
                     # A fresh Message per observer: aiocoap mutates what it sends.
                     obs.trigger(Message(code=Code.UNAUTHORIZED, payload=reason.encode()[:120]))
+                    ended += 1
+        return ended
+
+    def end_observations_in(self, context: object, reason: str) -> int:
+        """End every observation made under the OSCORE ``context`` with a 5.03: it is
+        moving to another gateway process (``handoff.py``), where the device registers
+        again. Its watches were not cancelled by anyone."""
+        ended = 0
+        for res in self.all():
+            for obs, made_in in list(res.context_of.items()):
+                if made_in is context:
+                    res.moved_away.add(id(obs))
+                    obs.trigger(Message(code=Code.SERVICE_UNAVAILABLE, max_age=0, payload=reason.encode()[:120]))
                     ended += 1
         return ended

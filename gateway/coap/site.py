@@ -41,7 +41,27 @@ class WellKnownCore(resource.WKCResource):  # type: ignore[misc]
         return response
 
 
-class DeregistrationWatch(interfaces.Resource):  # type: ignore[misc]
+class PipeLayer(interfaces.Resource):  # type: ignore[misc]
+    """A layer around the site that sees every request as aiocoap hands it over
+    (``render_to_pipe``), before passing it to ``inner``."""
+
+    def __init__(self, inner: interfaces.Resource) -> None:
+        self.inner = inner
+
+    async def render_to_pipe(self, pipe: Any) -> None:
+        await self.inner.render_to_pipe(pipe)
+
+    async def render(self, request: Message) -> Message:
+        raise RuntimeError("only render_to_pipe is used")
+
+    async def needs_blockwise_assembly(self, request: Message) -> bool:
+        raise RuntimeError("only render_to_pipe is used")
+
+    def get_resources_as_linkheader(self) -> Any:
+        return self.inner.get_resources_as_linkheader()
+
+
+class DeregistrationWatch(PipeLayer):
     """Outermost layer: notes which peers sent an RFC 7641 deregistration (GET with
     Observe=1), before OSCORE hides it: inside OSCORE, aiocoap 0.4.17 shows the request
     without its Observe option or token. An observation that ends just as its peer
@@ -50,7 +70,7 @@ class DeregistrationWatch(interfaces.Resource):  # type: ignore[misc]
     KEEP_SECONDS = 10.0
 
     def __init__(self, inner: interfaces.Resource) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self.seen: dict[str, float] = {}
 
     def deregistered_since(self, hostinfo: str, since: float) -> bool:
@@ -64,12 +84,3 @@ class DeregistrationWatch(interfaces.Resource):  # type: ignore[misc]
                 self.seen = {k: t for k, t in self.seen.items() if now - t < self.KEEP_SECONDS}
             self.seen[request.remote.hostinfo] = now
         await self.inner.render_to_pipe(pipe)
-
-    async def render(self, request: Message) -> Message:
-        raise RuntimeError("only render_to_pipe is used")
-
-    async def needs_blockwise_assembly(self, request: Message) -> bool:
-        raise RuntimeError("only render_to_pipe is used")
-
-    def get_resources_as_linkheader(self) -> Any:
-        return self.inner.get_resources_as_linkheader()
