@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from .app import Gateway, parse_bind
+from .coap.exchange_lifetime import RFC7252_EXCHANGE_LIFETIME
 from .core.errors import GatewayError
 from .core.ids import UserId, domain_of, parse_user_id
 from .core.model import UserRecord
@@ -51,6 +52,7 @@ async def _serve(args: argparse.Namespace) -> None:
         admins=args.admin or (),
         bus=args.bus,
         transports=args.transports.split(","),
+        exchange_lifetime=args.exchange_lifetime,
     )
     if args.peer or args.peer_dns:
         peers = dict(_peer_entry(text) for text in args.peer or ())
@@ -63,6 +65,13 @@ async def _serve(args: argparse.Namespace) -> None:
     print(f"gateway ready on udp port {gateway.port}, domains {', '.join(args.domain)}", flush=True)
     await stop.wait()
     await gateway.close()
+
+
+def _positive_seconds(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, not {text}")
+    return value
 
 
 def _peer_entry(text: str) -> tuple[str, str]:
@@ -162,6 +171,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     serve.add_argument(
         "--peer-dns", action="store_true", help="find other domains' gateways by DNS SRV _coap._udp.DOMAIN too"
+    )
+    serve.add_argument(
+        "--exchange-lifetime",
+        type=_positive_seconds,
+        default=RFC7252_EXCHANGE_LIFETIME,
+        metavar="SECONDS",
+        help="how long a request's message id and answer are kept to answer a retransmission "
+        f"(duplicate cache, ~2 KB each; default {RFC7252_EXCHANGE_LIFETIME:g}, RFC 7252); at least the devices' "
+        "MAX_TRANSMIT_SPAN plus twice the worst latency",
     )
     serve.add_argument("--shared-port", action="store_true", help=argparse.SUPPRESS)  # set for --workers children
     serve.add_argument(

@@ -16,6 +16,7 @@ from aiocoap.oscore_sitewrapper import OscoreSiteWrapper
 
 from .bus import EventBus, SharedListener, open_bus
 from .coap import icmp
+from .coap.exchange_lifetime import RFC7252_EXCHANGE_LIFETIME, DuplicateCache
 from .coap.handoff import ContextHandoff
 from .coap.loop_errors import ContainedLoopErrors, raised_in
 from .coap.resources import CoapListener, InboxResource, PresenceResource, Resources
@@ -98,6 +99,7 @@ class Gateway:
     send_guard: icmp.StaleErrorSafeSend | None = None
     federation: Federation | None = None
     handoff: ContextHandoff | None = None
+    duplicates: DuplicateCache | None = None
 
     @classmethod
     async def start(
@@ -113,6 +115,7 @@ class Gateway:
         bus: str | None = None,
         transports: Iterable[str] = ("udp",),
         udp_buffer: int = 4 * 1024 * 1024,
+        exchange_lifetime: float = RFC7252_EXCHANGE_LIFETIME,
     ) -> Gateway:
         """Start serving. With ``keys`` (the OSCORE key store) requests protected by a
         provisioned context carry that principal's identity; unprotected ones are
@@ -157,6 +160,7 @@ class Gateway:
         gateway.handoff = handoff
         granted = gateway.size_socket_buffers(udp_buffer)
         gateway.send_guard = icmp.install(gateway._udp_transport())
+        gateway.duplicates = DuplicateCache(gateway._udp_message_manager(), exchange_lifetime)
         log.debug("udp socket buffers: asked %d, granted %d", udp_buffer, granted)
         resources.inbox.on_owner_gone = gateway._inbox_watch_lost
         gateway._tasks.append(asyncio.create_task(gateway._sweeper()))
@@ -171,14 +175,18 @@ class Gateway:
     def inbox(self) -> InboxResource:
         return self.resources.inbox
 
-    def _udp_transport(self) -> Any:
+    def _udp_message_manager(self) -> Any:
+        """aiocoap's MessageManager of the UDP transport (retransmissions, duplicates)."""
         for interface in self.context.request_interfaces:
-            message_interface = getattr(getattr(interface, "token_interface", None), "message_interface", None)
-            transport = getattr(message_interface, "transport", None)
+            message_manager = getattr(interface, "token_interface", None)
+            transport = getattr(getattr(message_manager, "message_interface", None), "transport", None)
             sock = transport.get_extra_info("socket") if transport is not None else None
             if sock is not None and sock.type == socket.SOCK_DGRAM:
-                return transport
+                return message_manager
         raise RuntimeError("no UDP transport bound")
+
+    def _udp_transport(self) -> Any:
+        return self._udp_message_manager().message_interface.transport
 
     def _udp_socket(self) -> socket.socket:
         return cast(socket.socket, self._udp_transport().get_extra_info("socket"))

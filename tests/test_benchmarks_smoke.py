@@ -57,7 +57,12 @@ def test_throughput_benchmark_smoke(tmp_path: Path) -> None:
     assert summary["memory"]["observations"] == 4
     assert summary["registration"]["sqlite"]["gateway_sees_last_entity"] is True
     assert summary["duplicate_cache"]["exchange_lifetime_s"] == 247.0
-    assert set(summary["targets"]) == {"gateway_vs_bare_im_rate", "two_vs_one_worker_im_rate", "fanout_1000_s"}
+    bounded = summary["duplicate_cache"]["bounded"]
+    assert bounded["exchange_lifetime_s"] == 1.0 and bounded["rate_per_s"] > 0
+    assert summary["duplicate_cache"]["gateway_knob"].startswith("--exchange-lifetime")
+    assert set(summary["targets"]) == {
+        "gateway_vs_bare_im_rate", "two_vs_one_worker_im_rate", "fanout_1000_s", "duplicate_cache_bounded"
+    }
     assert all(t["status"] in STATUSES for t in summary["targets"].values())
     assert summary["targets"]["fanout_1000_s"]["status"] == "not measured"  # smoke sizes have 3 watchers
     assert summary.get("redis_keys_deleted", 0) >= (1 if have_redis else 0)

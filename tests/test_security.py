@@ -19,7 +19,7 @@ from gateway.app import Gateway
 from gateway.core import codec
 from gateway.core.access import AccessRules, Field, View
 from gateway.core.ids import UserId
-from gateway.core.model import Contact, InstantMessage, MessageId, PresenceDocument, Status, UserRecord
+from gateway.core.model import Contact, InstantMessage, MessageId, PresenceDocument, Seq, Status, UserRecord
 from gateway.core.subscriptions import SubscriptionState
 
 from .conftest import ADMIN, ALICE, BOB, CAROL, ManualClock, eventually, keystore_of, start_gateway
@@ -382,6 +382,36 @@ async def test_replayed_protected_request_is_rejected(gateway: Gateway, device: 
     finally:
         raw.close()
     assert [m.message.payload for m in (await bob.fetch_inbox()).messages] == [b"pay 10"]
+
+
+async def test_a_retransmission_is_answered_from_the_duplicate_cache_for_the_exchange_lifetime(
+    device: MakeDevice, clock: ManualClock, tmp_path: Path
+) -> None:
+    """``serve --exchange-lifetime``: within it a retransmitted request (same message id)
+    gets the very same answer without running again; after it the request is forgotten,
+    and the protected one is then refused as a replay, still without a second effect."""
+    gateway = await start_gateway(tmp_path / "short.db", clock, exchange_lifetime=0.5)
+    assert gateway.duplicates is not None and gateway.duplicates.exchange_lifetime == 0.5
+    creds = keystore_of(gateway).provision(ALICE, tmp_path / "raw", "coap://unused")
+    raw = RawDevice(gateway.port, creds.context_dir)
+    try:
+        body = codec.encode_message(InstantMessage(MessageId(b"d1"), ALICE, BOB, b"once"), include_from=False)
+        captured = raw.datagram(Message(code=Code.POST, uri_path=["i", BOB], payload=body), b"\x01")
+        loop = asyncio.get_running_loop()
+        await raw.send_raw(captured)
+        first = await asyncio.wait_for(loop.sock_recv(raw.sock, 2048), 5)
+        assert Message.decode(first).opt.oscore is not None  # a protected answer (the 2.01 inside)
+        assert len(gateway.duplicates) >= 1
+        await raw.send_raw(captured)
+        assert await asyncio.wait_for(loop.sock_recv(raw.sock, 2048), 5) == first  # the same bytes, from the cache
+        await eventually(lambda: _true(len(gateway.duplicates) == 0), timeout=3)
+        await raw.send_raw(captured)
+        forgotten = Message.decode(await asyncio.wait_for(loop.sock_recv(raw.sock, 2048), 5))
+        assert forgotten.code == Code.UNAUTHORIZED and b"Replay" in forgotten.payload, forgotten
+        assert len((await gateway.service.store.pending(BOB, Seq(0), 10))) == 1
+    finally:
+        raw.close()
+        await gateway.close()
 
 
 async def test_a_context_another_process_holds_gets_503_not_a_crash(
