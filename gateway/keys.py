@@ -221,6 +221,8 @@ class KidIndexedCredentials(CredentialsMap):  # type: ignore[misc]
     def held_elsewhere(self, kid: bytes) -> bool:
         """Whether another process holds the lock of ``kid``'s context, which this
         process therefore cannot load (``coap/handoff.py``). Loads it otherwise."""
+        if kid in self._by_kid:
+            return False
         try:
             self.find_oscore({COSE_KID: kid})
         except filelock.Timeout:

@@ -135,7 +135,12 @@ class GatewayService:
         return record
 
     async def _inbox(self, user: UserId) -> UserRecord:
-        record = await self._user(user)
+        return self._with_inbox(await self._user(user))
+
+    @staticmethod
+    def _with_inbox(record: UserRecord | None) -> UserRecord:
+        if record is None:
+            raise NotFound("unknown user")
         if not record.has_inbox:
             raise NotFound("no inbox")
         return record
@@ -345,20 +350,23 @@ class GatewayService:
         ``from`` that is not the authenticated sender, 4.13 too large; a later expiry
         shows in the sender's delivery records."""
         sender = self._require_principal(requester, "send instant messages")
+        local = self.serves(recipient)
+        # Everything the decision needs in one store round trip.
+        facts = await self.store.get_send_facts(sender, recipient if local else None)
         # A sender of another domain can only be one its gateway vouched for (federation).
-        if self.serves(sender) and await self.store.get_user(sender) is None:
+        if self.serves(sender) and facts.sender is None:
             raise Forbidden("unknown sender: not a registered user")
         message = codec.decode_message(body, recipient, sender)
         if message.sender != sender:
             raise Forbidden("from must be the authenticated sender")
-        if not self.serves(recipient):
+        if not local:
             if not self.serves(sender) or self.peers is None:
                 raise NotFound("domain not served here")
             # Acknowledged once the recipient's gateway has stored it.
             forwarded = codec.encode_message(message, include_from=False, compact=True)
             return message, EnqueueResult(await self.peers.send_message(sender, recipient, forwarded), True)
-        await self._inbox(recipient)
-        if not access.may_send(await self.rules_of(recipient), recipient, sender):
+        self._with_inbox(facts.recipient)
+        if not access.may_send(facts.recipient_rules or access.DEFAULT_RULES, recipient, sender):
             raise Forbidden(f"refused by {recipient}")
         received = self.now()
         # Store the canonical encoding, so a resend compares equal whatever its key order.

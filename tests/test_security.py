@@ -408,7 +408,7 @@ async def test_a_retransmission_is_answered_from_the_duplicate_cache_for_the_exc
         await raw.send_raw(captured)
         forgotten = Message.decode(await asyncio.wait_for(loop.sock_recv(raw.sock, 2048), 5))
         assert forgotten.code == Code.UNAUTHORIZED and b"Replay" in forgotten.payload, forgotten
-        assert len((await gateway.service.store.pending(BOB, Seq(0), 10))) == 1
+        assert len(await gateway.service.store.pending(BOB, Seq(0), 10)) == 1
     finally:
         raw.close()
         await gateway.close()

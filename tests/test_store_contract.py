@@ -23,6 +23,7 @@ from gateway.core.model import (
     InstantMessage,
     MessageId,
     PresenceDocument,
+    SendFacts,
     Seq,
     Status,
     UserRecord,
@@ -106,6 +107,21 @@ async def test_users(store: Store) -> None:
     assert await store.remove_user(A) is True
     assert await store.remove_user(A) is False
     assert await store.get_user(A) is None
+
+
+async def test_send_facts_in_one_read(store: Store) -> None:
+    assert await store.get_send_facts(A, B) == SendFacts(None, None, None)
+    await store.add_user(UserRecord(A))
+    await store.add_user(UserRecord(B, has_presentity=False))
+    assert await store.get_send_facts(A, B) == SendFacts(UserRecord(A), UserRecord(B, has_presentity=False), None)
+    rules = AccessRules(blocked=(C,))
+    await store.put_rules(B, rules)
+    assert await store.get_send_facts(A, B) == SendFacts(UserRecord(A), UserRecord(B, has_presentity=False), rules)
+    assert await store.get_send_facts(C, B) == SendFacts(None, UserRecord(B, has_presentity=False), rules)
+    assert await store.get_send_facts(A, None) == SendFacts(UserRecord(A), None, None)
+    assert await store.get_send_facts(A, A) == SendFacts(UserRecord(A), UserRecord(A), None)
+    await store.remove_user(B)
+    assert await store.get_send_facts(A, B) == SendFacts(UserRecord(A), None, None)
 
 
 async def test_presence_round_trip_and_leases(store: Store) -> None:

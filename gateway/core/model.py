@@ -9,9 +9,12 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import IntEnum
-from typing import NewType, TypeAlias
+from typing import TYPE_CHECKING, NewType, TypeAlias
 
 from .ids import UserId
+
+if TYPE_CHECKING:
+    from .access import AccessRules  # access builds on this module
 
 MessageId = NewType("MessageId", bytes)
 Seq = NewType("Seq", int)
@@ -110,6 +113,16 @@ class UserRecord:
     user: UserId
     has_presentity: bool = True
     has_inbox: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class SendFacts:
+    """What accepting an IM depends on, read in one go: are sender and recipient
+    registered, and the recipient's rules (None: it never set any)."""
+
+    sender: UserRecord | None
+    recipient: UserRecord | None
+    recipient_rules: AccessRules | None
 
 
 @dataclass(frozen=True, slots=True)

@@ -12,6 +12,7 @@ from ..core.model import (
     InstantMessage,
     PresenceDocument,
     QueuedMessage,
+    SendFacts,
     Seq,
     UserRecord,
 )
@@ -25,6 +26,11 @@ class Store(Protocol):
         ...
 
     async def get_user(self, user: UserId) -> UserRecord | None: ...
+
+    async def get_send_facts(self, sender: UserId, recipient: UserId | None) -> SendFacts:
+        """Sender's and recipient's registrations and the recipient's rules, in one round
+        trip (every IM needs them); ``recipient`` None: only the sender's."""
+        ...
 
     async def remove_user(self, user: UserId) -> bool:
         """Remove a user and its presence; its queued messages fail as UNKNOWN_RECIPIENT."""

@@ -28,6 +28,7 @@ from ..core.model import (
     MessageId,
     PresenceDocument,
     QueuedMessage,
+    SendFacts,
     Seq,
     UserRecord,
 )
@@ -155,10 +156,23 @@ class SqliteStore:
 
         return await self._run(work)
 
+    def _read_user(self, user: UserId) -> UserRecord | None:
+        row = self._conn.execute("SELECT has_presentity, has_inbox FROM users WHERE user=?", (user,)).fetchone()
+        return None if row is None else UserRecord(user, bool(row[0]), bool(row[1]))
+
+    def _read_rules(self, user: UserId) -> AccessRules | None:
+        row = self._conn.execute("SELECT body FROM rules WHERE user=?", (user,)).fetchone()
+        return None if row is None else codec.decode_rules(row[0])
+
     async def get_user(self, user: UserId) -> UserRecord | None:
-        def work() -> UserRecord | None:
-            row = self._conn.execute("SELECT has_presentity, has_inbox FROM users WHERE user=?", (user,)).fetchone()
-            return None if row is None else UserRecord(user, bool(row[0]), bool(row[1]))
+        return await self._run(lambda: self._read_user(user))
+
+    async def get_send_facts(self, sender: UserId, recipient: UserId | None) -> SendFacts:
+        def work() -> SendFacts:
+            if recipient is None:
+                return SendFacts(self._read_user(sender), None, None)
+            to = self._read_user(recipient)
+            return SendFacts(self._read_user(sender), to, self._read_rules(recipient) if to is not None else None)
 
         return await self._run(work)
 
@@ -216,11 +230,7 @@ class SqliteStore:
     # -- access rules --------------------------------------------------------------
 
     async def get_rules(self, user: UserId) -> AccessRules | None:
-        def work() -> AccessRules | None:
-            row = self._conn.execute("SELECT body FROM rules WHERE user=?", (user,)).fetchone()
-            return None if row is None else codec.decode_rules(row[0])
-
-        return await self._run(work)
+        return await self._run(lambda: self._read_rules(user))
 
     async def put_rules(self, user: UserId, rules: AccessRules) -> None:
         body = codec.encode_rules(rules)
