@@ -15,7 +15,7 @@ import aiocoap
 from aiocoap.oscore_sitewrapper import OscoreSiteWrapper
 
 from .bus import EventBus, SharedListener, open_bus
-from .coap import address_cache, icmp
+from .coap import icmp, speedups
 from .coap.exchange_lifetime import RFC7252_EXCHANGE_LIFETIME, DuplicateCache
 from .coap.handoff import ContextHandoff
 from .coap.loop_errors import ContainedLoopErrors, raised_in
@@ -120,7 +120,7 @@ class Gateway:
         """Start serving. With ``keys`` (the OSCORE key store) requests protected by a
         provisioned context carry that principal's identity; unprotected ones are
         anonymous. Without it every request is anonymous (and may do little)."""
-        address_cache.install()
+        speedups.install()
         the_store = await open_store(store) if isinstance(store, str) else store
         service = GatewayService(
             the_store,

@@ -195,27 +195,32 @@ class KidIndexedCredentials(CredentialsMap):  # type: ignore[misc]
         super().__init__()
         self.keystore = keystore
         self._by_kid: dict[bytes, FilesystemSecurityContext] = {}
+        self._owner_files: dict[bytes, str] = {}  # of the loaded contexts
         self._retired_owners: set[UserId] = set()  # revoked since the last revoked_owners()
 
     def find_oscore(self, unprotected: dict[int, Any]) -> FilesystemSecurityContext:
         kid = unprotected.get(COSE_KID)
         if not isinstance(kid, bytes) or not kid or unprotected.get(COSE_KID_CONTEXT) is not None:
             raise KeyError("no such context")
-        directory = self.keystore.context_dir(kid)
         context = self._by_kid.get(kid)
-        if not (directory / "owner.json").exists():
-            if context is not None:
-                self._retire(kid)
+        if context is not None:
+            # Revocation removes the directory: checked on every request (a stat).
+            if os.path.exists(self._owner_files[kid]):
+                return context
+            self._retire(kid)
             raise KeyError("no such context")
-        if context is None:
-            owner: UserId | PeerClaim | None = self.keystore.owner_of(kid)
-            if owner is None and (peer := self.keystore.peer_of(kid)) is not None:
-                owner = PeerClaim(peer)
-            if owner is None:
-                raise KeyError("no such context")
-            context = FilesystemSecurityContext(str(directory))
-            context.authenticated_claims = [owner]
-            self._by_kid[kid] = context
+        directory = self.keystore.context_dir(kid)
+        if not (directory / "owner.json").exists():
+            raise KeyError("no such context")
+        owner: UserId | PeerClaim | None = self.keystore.owner_of(kid)
+        if owner is None and (peer := self.keystore.peer_of(kid)) is not None:
+            owner = PeerClaim(peer)
+        if owner is None:
+            raise KeyError("no such context")
+        context = FilesystemSecurityContext(str(directory))
+        context.authenticated_claims = [owner]
+        self._by_kid[kid] = context
+        self._owner_files[kid] = str(directory / "owner.json")
         return context
 
     def held_elsewhere(self, kid: bytes) -> bool:
@@ -238,6 +243,7 @@ class KidIndexedCredentials(CredentialsMap):  # type: ignore[misc]
         """Persist ``kid``'s exact sequence number and replay window, make the loaded
         context unusable and release its lock, so another process can load it."""
         context = self._by_kid.pop(kid, None)
+        self._owner_files.pop(kid, None)
         if context is None or context.lockfile is None:
             return False
         context._destroy()
@@ -246,7 +252,7 @@ class KidIndexedCredentials(CredentialsMap):  # type: ignore[misc]
     def revoked_owners(self) -> set[UserId]:
         """Forget cached contexts whose directory is gone; return whom they authenticated."""
         for kid in list(self._by_kid):
-            if not (self.keystore.context_dir(kid) / "owner.json").exists():
+            if not os.path.exists(self._owner_files[kid]):
                 self._retire(kid)
         owners, self._retired_owners = self._retired_owners, set()
         return owners
@@ -261,6 +267,7 @@ class KidIndexedCredentials(CredentialsMap):  # type: ignore[misc]
 
     def _forget(self, kid: bytes) -> None:
         context = self._by_kid.pop(kid)
+        self._owner_files.pop(kid, None)
         # Its directory is gone: there is nothing to persist and no lock to release
         # (aiocoap would try both when the object is collected).
         context.lockfile = None
@@ -273,5 +280,6 @@ class KidIndexedCredentials(CredentialsMap):  # type: ignore[misc]
         self.revoked_owners()  # nothing to persist for those
         for kid in list(self._by_kid):
             context = self._by_kid.pop(kid)
+            self._owner_files.pop(kid, None)
             if context.lockfile is not None:
                 context._destroy()

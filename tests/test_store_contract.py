@@ -382,3 +382,26 @@ def test_concurrent_first_opens_of_one_sqlite_file(tmp_path: Path) -> None:
     for thread in threads:
         thread.join()
     assert errors == []
+
+
+async def test_redis_calls_are_bounded_and_recover(redis_prefix: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Redis that stops answering costs a store call at most CALL_TIMEOUT_S (then
+    TimeoutError: the gateway answers 5.03), and the store works again after it."""
+    from gateway.store import redis as redis_backend
+
+    store = await RedisStore.open(redis_url(redis_prefix))
+    pauser = aioredis.from_url(REDIS_URL)
+    try:
+        await store.add_user(UserRecord(A))
+        monkeypatch.setattr(redis_backend, "CALL_TIMEOUT_S", 0.2)
+        await pauser.execute_command("CLIENT", "PAUSE", "700", "ALL")
+        started = asyncio.get_running_loop().time()
+        with pytest.raises(TimeoutError):
+            await store.get_user(A)
+        assert asyncio.get_running_loop().time() - started < 0.6
+        await asyncio.sleep(0.7)
+        assert await store.get_user(A) == UserRecord(A)
+    finally:
+        await pauser.execute_command("CLIENT", "UNPAUSE")
+        await pauser.aclose()
+        await store.close()
