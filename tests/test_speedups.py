@@ -13,6 +13,7 @@ from aiocoap.numbers import ContentFormat
 from aiocoap.transports.udp6 import UDP6EndpointAddress
 
 from gateway.coap import speedups
+from gateway.coap.site import with_path
 
 
 class _Interface:
@@ -65,3 +66,12 @@ def test_copied_options_are_equal_and_independent() -> None:
     assert copy.deepcopy(original.opt) == original.opt
     original.mtype, original.mid = 0, 1  # CON: only to encode it
     assert Message.decode(original.encode()).opt == original.opt
+
+
+def test_a_routed_request_keeps_its_uri_and_options() -> None:
+    request = Message(code=Code.POST, uri="coap://gw.example/i/bob@example.org?a", payload=b"\x82\x01\x41x")
+    routed = with_path(request, ("bob@example.org",))
+    assert routed.opt.uri_path == ("bob@example.org",) and routed.opt.uri_query == ("a",)
+    assert request.opt.uri_path == ("i", "bob@example.org")
+    assert routed.get_request_uri() == request.get_request_uri() == "coap://gw.example/i/bob@example.org?a"
+    assert (routed.code, routed.payload, routed.token) == (request.code, request.payload, request.token)

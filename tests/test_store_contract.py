@@ -405,3 +405,17 @@ async def test_redis_calls_are_bounded_and_recover(redis_prefix: str, monkeypatc
         await pauser.execute_command("CLIENT", "UNPAUSE")
         await pauser.aclose()
         await store.close()
+
+
+async def test_redis_bursts_wait_for_a_connection(redis_prefix: str) -> None:
+    """Far more concurrent calls than connections: each waits for one, none fails."""
+    from gateway.store import redis as redis_backend
+
+    store = await RedisStore.open(redis_url(redis_prefix))
+    try:
+        await store.add_user(UserRecord(A))
+        burst = 5 * redis_backend.MAX_CONNECTIONS
+        results = await asyncio.gather(*(store.get_send_facts(A, A) for _ in range(burst)))
+        assert results == [SendFacts(UserRecord(A), UserRecord(A), None)] * burst
+    finally:
+        await store.close()
