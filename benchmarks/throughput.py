@@ -1035,17 +1035,19 @@ def _limits(
     return out
 
 
-async def _window_samples(run: Run, label: str, pids: list[int], start: float, end: float) -> tuple[
-    CpuSample, CpuSample, dict[str, int]
-]:
+async def _window_samples(
+    run: Run, label: str, pids: list[int], start: float, end: float, rss_of: Sequence[int] = ()
+) -> tuple[CpuSample, CpuSample, dict[str, int]]:
+    """CPU of ``pids`` over the window, and the RSS of ``rss_of`` (the server's
+    processes only: Redis grows with every stored message) at its start and end."""
     rss: dict[str, int] = {}
     await _sleep_until(start)
     before = CpuSample.take(pids)
-    rss["start"] = sum(rss_bytes(p) for p in pids)
+    rss["start"] = sum(rss_bytes(p) for p in rss_of)
     await run.progress.window(label, start, end)
     await _sleep_until(end)
     after = CpuSample.take(pids)
-    rss["end"] = sum(rss_bytes(p) for p in pids)
+    rss["end"] = sum(rss_bytes(p) for p in rss_of)
     return before, after, rss
 
 
@@ -1070,7 +1072,7 @@ async def im_phase(run: Run, server: Server, devices: Sequence[Device], peers: d
         child.send({"cmd": "go", "start": start, "end": end})
     server_pids = server.pids()
     tracked = [*server_pids, *[c.pid for c in loadgens], *_redis_pids(run)]
-    before, after, rss = await _window_samples(run, f"{server.label}: IMs", tracked, start, end)
+    before, after, rss = await _window_samples(run, f"{server.label}: IMs", tracked, start, end, server_pids)
     results = [await c.event("result", 60) for c in loadgens]
     for child in loadgens:
         await run.stop(child)

@@ -16,7 +16,16 @@ from typing import Protocol
 from . import e2e
 from .core import access, codec, inbox, presence
 from .core.access import AccessRules, ReadKind, Verdict
-from .core.errors import CodecError, Forbidden, NotFound, PayloadTooLarge, PreconditionFailed, Unauthorized
+from .core.errors import (
+    CodecError,
+    Forbidden,
+    GatewayError,
+    NotFound,
+    PayloadTooLarge,
+    PreconditionFailed,
+    StoreUnavailable,
+    Unauthorized,
+)
 from .core.ids import Address, Domain, UserId, domain_of, in_domain
 from .core.model import (
     DeliveryRecord,
@@ -24,17 +33,20 @@ from .core.model import (
     InstantMessage,
     PresenceDocument,
     QueuedMessage,
+    SendFacts,
     Seq,
     Status,
     UserRecord,
 )
-from .store.base import Store
+from .store.base import FactsChanged, Store
 
 log = logging.getLogger(__name__)
 
 FETCH_LIMIT = 64
 RECORDS_LIMIT = 32
 MAX_KEY_BUNDLE = 512
+RECENT_SEND_FACTS = 10_000  # (sender, recipient) pairs whose facts are kept for the next IM
+UNKNOWN_SENDER = "unknown sender: not a registered user"
 
 
 # Who asks: the principal its OSCORE context authenticates, or None (anonymous).
@@ -106,6 +118,7 @@ class GatewayService:
         self.peers: PeerGateways | None = None  # set when federation is on
         # Publishes, expiries and link-loss marks of one presentity are read-modify-write.
         self._presence_locks: defaultdict[UserId, asyncio.Lock] = defaultdict(asyncio.Lock)
+        self._recent_send_facts: dict[tuple[UserId, UserId], SendFacts] = {}
 
     def now(self) -> int:
         return int(self.clock())
@@ -135,15 +148,18 @@ class GatewayService:
         return record
 
     async def _inbox(self, user: UserId) -> UserRecord:
-        return self._with_inbox(await self._user(user))
+        record = await self._user(user)
+        if (refusal := self._inbox_refusal(record)) is not None:
+            raise refusal
+        return record
 
     @staticmethod
-    def _with_inbox(record: UserRecord | None) -> UserRecord:
+    def _inbox_refusal(record: UserRecord | None) -> NotFound | None:
         if record is None:
-            raise NotFound("unknown user")
+            return NotFound("unknown user")
         if not record.has_inbox:
-            raise NotFound("no inbox")
-        return record
+            return NotFound("no inbox")
+        return None
 
     # -- access rules --------------------------------------------------------------
 
@@ -350,32 +366,77 @@ class GatewayService:
         ``from`` that is not the authenticated sender, 4.13 too large; a later expiry
         shows in the sender's delivery records."""
         sender = self._require_principal(requester, "send instant messages")
-        local = self.serves(recipient)
-        # Everything the decision needs in one store round trip.
-        facts = await self.store.get_send_facts(sender, recipient if local else None)
-        # A sender of another domain can only be one its gateway vouched for (federation).
-        if self.serves(sender) and facts.sender is None:
-            raise Forbidden("unknown sender: not a registered user")
-        message = codec.decode_message(body, recipient, sender)
-        if message.sender != sender:
-            raise Forbidden("from must be the authenticated sender")
-        if not local:
-            if not self.serves(sender) or self.peers is None:
-                raise NotFound("domain not served here")
-            # Acknowledged once the recipient's gateway has stored it.
-            forwarded = codec.encode_message(message, include_from=False, compact=True)
-            return message, EnqueueResult(await self.peers.send_message(sender, recipient, forwarded), True)
-        self._with_inbox(facts.recipient)
-        if not access.may_send(facts.recipient_rules or access.DEFAULT_RULES, recipient, sender):
-            raise Forbidden(f"refused by {recipient}")
+        if not self.serves(recipient):
+            return await self._send_elsewhere(sender, recipient, body)
+        facts = await self._facts_admitting(sender, recipient)
+        message = self._decode_from(sender, recipient, body)
         received = self.now()
         # Store the canonical encoding, so a resend compares equal whatever its key order.
         canonical = codec.encode_message(message)
-        result = await self.store.enqueue(message, canonical, received, inbox.expires_at(message, received))
+        for _attempt in range(3):
+            try:
+                # Stored only if the facts still hold: none of a block, a removal or a
+                # registration change is missed, even one in another process just now.
+                result = await self.store.enqueue(
+                    message, canonical, received, inbox.expires_at(message, received), expect=facts
+                )
+                break
+            except FactsChanged:
+                facts = await self._facts_admitting(sender, recipient, fresh=True)
+        else:
+            raise StoreUnavailable("registrations or rules kept changing; try again")
         if result.newly_stored:
             # The sender's records are not re-notified: the 2.01 just told it "queued".
             self.listener.inbox_changed(recipient)
         return message, result
+
+    async def _send_elsewhere(
+        self, sender: UserId, recipient: UserId, body: bytes
+    ) -> tuple[InstantMessage, EnqueueResult]:
+        """Federation: acknowledged once the recipient's gateway has stored it."""
+        if self.serves(sender) and (await self.store.get_send_facts(sender, None)).sender is None:
+            raise Forbidden(UNKNOWN_SENDER)
+        message = self._decode_from(sender, recipient, body)
+        if not self.serves(sender) or self.peers is None:
+            raise NotFound("domain not served here")
+        forwarded = codec.encode_message(message, include_from=False, compact=True)
+        return message, EnqueueResult(await self.peers.send_message(sender, recipient, forwarded), True)
+
+    @staticmethod
+    def _decode_from(sender: UserId, recipient: UserId, body: bytes) -> InstantMessage:
+        message = codec.decode_message(body, recipient, sender)
+        if message.sender != sender:
+            raise Forbidden("from must be the authenticated sender")
+        return message
+
+    async def _facts_admitting(self, sender: UserId, recipient: UserId, *, fresh: bool = False) -> SendFacts:
+        """The facts an IM from ``sender`` to ``recipient`` (of a served domain) is
+        accepted on: those of its last accepted IM if they still admit it (the store
+        checks them as it stores: one round trip per IM), else fresh ones. A refusal
+        always comes from fresh facts."""
+        key = (sender, recipient)
+        facts = None if fresh else self._recent_send_facts.get(key)
+        if facts is not None and self._refusal(facts, sender, recipient) is None:
+            return facts
+        facts = await self.store.get_send_facts(sender, recipient)
+        refusal = self._refusal(facts, sender, recipient)
+        if refusal is not None:
+            self._recent_send_facts.pop(key, None)
+            raise refusal
+        if len(self._recent_send_facts) >= RECENT_SEND_FACTS:
+            self._recent_send_facts.pop(next(iter(self._recent_send_facts)))
+        self._recent_send_facts[key] = facts
+        return facts
+
+    def _refusal(self, facts: SendFacts, sender: UserId, recipient: UserId) -> GatewayError | None:
+        # A sender of another domain can only be one its gateway vouched for (federation).
+        if self.serves(sender) and facts.sender is None:
+            return Forbidden(UNKNOWN_SENDER)
+        if (no_inbox := self._inbox_refusal(facts.recipient)) is not None:
+            return no_inbox
+        if not access.may_send(facts.recipient_rules or access.DEFAULT_RULES, recipient, sender):
+            return Forbidden(f"refused by {recipient}")
+        return None
 
     async def _authorize_inbox_read(self, user: UserId, requester: Requester) -> None:
         self._require_principal(requester, "read an inbox")

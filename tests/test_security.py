@@ -21,8 +21,9 @@ from gateway.core.access import AccessRules, Field, View
 from gateway.core.ids import UserId
 from gateway.core.model import Contact, InstantMessage, MessageId, PresenceDocument, Seq, Status, UserRecord
 from gateway.core.subscriptions import SubscriptionState
+from gateway.keys import KeyStore
 
-from .conftest import ADMIN, ALICE, BOB, CAROL, ManualClock, eventually, keystore_of, start_gateway
+from .conftest import ADMIN, ALICE, BOB, CAROL, ManualClock, eventually, keystore_of, provisioned_device, start_gateway
 from .rawcoap import RawDevice
 
 MakeDevice = Callable[..., Awaitable[DeviceClient]]
@@ -251,6 +252,31 @@ async def test_inbox_senders_blocking_and_readers(device: MakeDevice) -> None:
     assert (await carol.request(Code.GET, f"/i/{ALICE}")).code == Code.FORBIDDEN
     assert (await carol.request(Code.DELETE, f"/i/{ALICE}?c=99")).code == Code.FORBIDDEN
     assert [m.message.payload for m in (await alice.fetch_inbox()).messages] == [b"bob may send"]
+
+
+async def test_a_block_made_through_another_process_holds_at_once(
+    gateway: Gateway, device: MakeDevice, clock: ManualClock, tmp_path: Path
+) -> None:
+    """Each process keeps the facts of a sender's last accepted IM for the next one; the
+    store checks them as it stores. A block made through another process (same store,
+    no event bus) refuses the very next IM, and nothing of it is stored."""
+    other = await start_gateway(tmp_path / "gw.db", clock, keys=KeyStore(tmp_path / "other-keys"))
+    try:
+        alice = await device(ALICE)
+        bob_elsewhere = await provisioned_device(other, BOB, tmp_path / "other-devices")
+        try:
+            await alice.send(BOB, "first")
+            await alice.send(BOB, "second")  # accepted on the kept facts
+            await bob_elsewhere.put_rules(AccessRules(blocked_senders=(ALICE,)))
+            assert await code_of(alice.send(BOB, "after the block")) == Code.FORBIDDEN
+            await bob_elsewhere.put_rules(AccessRules())
+            await alice.send(BOB, "unblocked")
+            payloads = [m.message.payload for m in (await bob_elsewhere.fetch_inbox()).messages]
+            assert payloads == [b"first", b"second", b"unblocked"]
+        finally:
+            await bob_elsewhere.close()
+    finally:
+        await other.close()
 
 
 async def test_only_the_principal_changes_rules(device: MakeDevice) -> None:
@@ -600,8 +626,11 @@ async def test_each_domain_has_its_own_administrators(tmp_path: Path) -> None:
     olga, other_root = UserId("olga@other.example"), UserId("root@other.example")
     keys = KeyStore(tmp_path / "keys")
     gateway = await Gateway.start(
-        bind=("127.0.0.1", 0), store=f"sqlite:{tmp_path / 'gw.db'}", domains=["example.org", "other.example"],
-        keys=keys, admins=[ADMIN, other_root],
+        bind=("127.0.0.1", 0),
+        store=f"sqlite:{tmp_path / 'gw.db'}",
+        domains=["example.org", "other.example"],
+        keys=keys,
+        admins=[ADMIN, other_root],
     )
     clients = []
     try:

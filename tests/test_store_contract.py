@@ -19,6 +19,7 @@ from gateway.core.errors import Conflict
 from gateway.core.ids import UserId
 from gateway.core.model import (
     DeliveryState,
+    EnqueueResult,
     FailureReason,
     InstantMessage,
     MessageId,
@@ -29,6 +30,7 @@ from gateway.core.model import (
     UserRecord,
 )
 from gateway.store import Store, open_store
+from gateway.store.base import FactsChanged
 from gateway.store.redis import RedisStore, parse_url
 
 A, B, C = UserId("a@x.org"), UserId("b@x.org"), UserId("c@x.org")
@@ -122,6 +124,37 @@ async def test_send_facts_in_one_read(store: Store) -> None:
     assert await store.get_send_facts(A, A) == SendFacts(UserRecord(A), UserRecord(A), None)
     await store.remove_user(B)
     assert await store.get_send_facts(A, B) == SendFacts(UserRecord(A), None, None)
+
+
+async def test_enqueue_only_while_the_facts_hold(store: Store) -> None:
+    """An enqueue decided on some facts stores nothing once they changed (a block, a
+    removal, a registration), in the same transaction; a resend is answered anyway."""
+
+    async def checked(msg: InstantMessage, facts: SendFacts) -> EnqueueResult:
+        return await store.enqueue(msg, codec.encode_message(msg), 100, None, expect=facts)
+
+    await store.add_user(UserRecord(A))
+    await store.add_user(UserRecord(B))
+    facts = await store.get_send_facts(A, B)
+    assert (await checked(message(b"one"), facts)).newly_stored
+    await store.put_rules(B, AccessRules(blocked=(A,)))
+    with pytest.raises(FactsChanged):
+        await checked(message(b"two"), facts)
+    assert not (await checked(message(b"one"), facts)).newly_stored  # a resend: already stored
+    blocked = await store.get_send_facts(A, B)
+    assert (await checked(message(b"two"), blocked)).newly_stored  # the store compares, the service judges
+    await store.put_rules(B, AccessRules())
+    with pytest.raises(FactsChanged):  # other rules, though they admit A again
+        await checked(message(b"three"), blocked)
+    open_again = await store.get_send_facts(A, B)
+    await store.add_user(UserRecord(B, has_inbox=False))
+    with pytest.raises(FactsChanged):
+        await checked(message(b"three"), open_again)
+    current = await store.get_send_facts(A, B)
+    await store.remove_user(A)
+    with pytest.raises(FactsChanged):
+        await checked(message(b"three"), current)
+    assert [q.message.msg_id for q in await store.pending(B, Seq(0), 10)] == [b"one", b"two"]
 
 
 async def test_presence_round_trip_and_leases(store: Store) -> None:

@@ -118,11 +118,14 @@ class UserRecord:
 @dataclass(frozen=True, slots=True)
 class SendFacts:
     """What accepting an IM depends on, read in one go: are sender and recipient
-    registered, and the recipient's rules (None: it never set any)."""
+    registered, and the recipient's rules (None: it never set any). ``rules_stored`` is
+    the rules as the store holds them, which the store compares when it is asked to
+    enqueue only if these facts still hold."""
 
     sender: UserRecord | None
     recipient: UserRecord | None
     recipient_rules: AccessRules | None
+    rules_stored: bytes | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True, slots=True)

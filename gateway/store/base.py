@@ -18,6 +18,10 @@ from ..core.model import (
 )
 
 
+class FactsChanged(Exception):
+    """The facts an enqueue was decided on no longer hold: read them again."""
+
+
 class Store(Protocol):
     """Durable state. Every write has reached stable storage when its coroutine returns."""
 
@@ -64,9 +68,14 @@ class Store(Protocol):
 
     async def put_contacts(self, user: UserId, contacts: tuple[UserId, ...]) -> None: ...
 
-    async def enqueue(self, message: InstantMessage, body: bytes, received: int, expires: int | None) -> EnqueueResult:
+    async def enqueue(
+        self, message: InstantMessage, body: bytes, received: int, expires: int | None, expect: SendFacts | None = None
+    ) -> EnqueueResult:
         """Store a message durably, once per (sender, msg_id); raises Conflict if that id
-        already holds another body or recipient."""
+        already holds another body or recipient. With ``expect``, a new message is stored
+        only if the facts of its sender and recipient are still those (registrations and
+        the recipient's stored rules, in the same transaction); otherwise nothing is
+        stored and FactsChanged is raised."""
         ...
 
     async def pending(self, recipient: UserId, after: Seq, limit: int) -> list[QueuedMessage]:

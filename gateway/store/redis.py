@@ -76,6 +76,7 @@ from ..core.model import (
     Seq,
     UserRecord,
 )
+from .base import FactsChanged
 
 LAYOUT_VERSION = 1
 DEFAULT_PREFIX = "impp:"
@@ -108,8 +109,12 @@ return redis.call('HGET', KEYS[1], 'schema')
 """
 
 # KEYS: dedup:{sender}, seq, inbox:{recipient}, out:{sender}, expiry
+#       [, user:{sender}, user:{recipient}, rules:{recipient}: the facts to check]
 # ARGV: prefix, msg_id, sender, recipient, body, received, expires ('' = never)
-# Returns {seq, 1} stored, {seq, 0} a resend of the same message, {seq, -1} a conflict.
+#       [, the sender's and the recipient's flags (presentity, inbox: '11', '' = none),
+#        '1' and the recipient's stored rules, or '0' and '' for none]
+# Returns {seq, 1} stored, {seq, 0} a resend of the same message, {seq, -1} a conflict,
+# {0, 2} nothing stored: the facts differ.
 _ENQUEUE = _lua("""
 local prefix = ARGV[1]
 local known = redis.call('HGET', KEYS[1], ARGV[2])
@@ -119,6 +124,18 @@ if known then
         return {tonumber(known), -1}
     end
     return {tonumber(known), 0}
+end
+if KEYS[6] then
+    local function flags(key)
+        local m = redis.call('HMGET', key, 'presentity', 'inbox')
+        if not m[1] then return '' end
+        return m[1] .. (m[2] or '0')
+    end
+    local rules = redis.call('GET', KEYS[8])
+    if flags(KEYS[6]) ~= ARGV[8] or flags(KEYS[7]) ~= ARGV[9]
+            or (rules and '1' or '0') ~= ARGV[10] or (rules or '') ~= ARGV[11] then
+        return {0, 2}
+    end
 end
 local seq = string.format('%d', redis.call('INCR', KEYS[2]))
 local fields = {'sender', ARGV[3], 'recipient', ARGV[4], 'msg_id', ARGV[2], 'body', ARGV[5],
@@ -360,9 +377,9 @@ class RedisStore:
 
         if recipient is None:
             return SendFacts(record(sender, replies[0]), None, None)
-        to = record(recipient, replies[1])
-        rules = codec.decode_rules(replies[2]) if to is not None and replies[2] is not None else None
-        return SendFacts(record(sender, replies[0]), to, rules)
+        to, stored = record(recipient, replies[1]), replies[2]
+        rules = codec.decode_rules(stored) if to is not None and stored is not None else None
+        return SendFacts(record(sender, replies[0]), to, rules, stored)
 
     async def remove_user(self, user: UserId) -> bool:
         keys = [
@@ -431,7 +448,9 @@ class RedisStore:
 
     # -- instant messages ----------------------------------------------------------
 
-    async def enqueue(self, message: InstantMessage, body: bytes, received: int, expires: int | None) -> EnqueueResult:
+    async def enqueue(
+        self, message: InstantMessage, body: bytes, received: int, expires: int | None, expect: SendFacts | None = None
+    ) -> EnqueueResult:
         keys = [
             self._key("dedup", message.sender),
             self._key("seq"),
@@ -448,7 +467,17 @@ class RedisStore:
             received,
             "" if expires is None else expires,
         ]
+        if expect is not None:
+            keys += [
+                self._key("user", message.sender),
+                self._key("user", message.recipient),
+                self._key("rules", message.recipient),
+            ]
+            stored = expect.rules_stored
+            args += [_flags(expect.sender), _flags(expect.recipient), "0" if stored is None else "1", stored or b""]
         seq, outcome = await self._enqueue(keys=keys, args=args)
+        if outcome == 2:
+            raise FactsChanged()
         if outcome < 0:
             raise Conflict("message id already used for another message")
         return EnqueueResult(Seq(seq), newly_stored=outcome == 1)
@@ -506,6 +535,11 @@ def _pairs(flat: Sequence[bytes]) -> list[tuple[bytes, bytes]]:
 
 
 __all__ = ["DEFAULT_PREFIX", "LAYOUT_VERSION", "RedisStore", "parse_url"]
+
+
+def _flags(record: UserRecord | None) -> str:
+    """A user hash's presentity and inbox fields as the enqueue script reads them."""
+    return "" if record is None else f"{int(record.has_presentity)}{int(record.has_inbox)}"
 
 
 def _bounded(method: Callable[..., Coroutine[Any, Any, Any]]) -> Callable[..., Coroutine[Any, Any, Any]]:

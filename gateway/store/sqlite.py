@@ -32,6 +32,7 @@ from ..core.model import (
     Seq,
     UserRecord,
 )
+from .base import FactsChanged
 
 SCHEMA_VERSION = 3
 BUSY_TIMEOUT_S = 5.0
@@ -160,21 +161,27 @@ class SqliteStore:
         row = self._conn.execute("SELECT has_presentity, has_inbox FROM users WHERE user=?", (user,)).fetchone()
         return None if row is None else UserRecord(user, bool(row[0]), bool(row[1]))
 
-    def _read_rules(self, user: UserId) -> AccessRules | None:
+    def _read_rules_body(self, user: UserId) -> bytes | None:
         row = self._conn.execute("SELECT body FROM rules WHERE user=?", (user,)).fetchone()
-        return None if row is None else codec.decode_rules(row[0])
+        return None if row is None else bytes(row[0])
+
+    def _read_rules(self, user: UserId) -> AccessRules | None:
+        body = self._read_rules_body(user)
+        return None if body is None else codec.decode_rules(body)
+
+    def _read_send_facts(self, sender: UserId, recipient: UserId | None) -> SendFacts:
+        if recipient is None:
+            return SendFacts(self._read_user(sender), None, None)
+        to = self._read_user(recipient)
+        stored = self._read_rules_body(recipient) if to is not None else None
+        rules = None if stored is None else codec.decode_rules(stored)
+        return SendFacts(self._read_user(sender), to, rules, stored)
 
     async def get_user(self, user: UserId) -> UserRecord | None:
         return await self._run(lambda: self._read_user(user))
 
     async def get_send_facts(self, sender: UserId, recipient: UserId | None) -> SendFacts:
-        def work() -> SendFacts:
-            if recipient is None:
-                return SendFacts(self._read_user(sender), None, None)
-            to = self._read_user(recipient)
-            return SendFacts(self._read_user(sender), to, self._read_rules(recipient) if to is not None else None)
-
-        return await self._run(work)
+        return await self._run(lambda: self._read_send_facts(sender, recipient))
 
     async def remove_user(self, user: UserId) -> bool:
         def work() -> bool:
@@ -277,7 +284,9 @@ class SqliteStore:
 
     # -- instant messages ----------------------------------------------------------
 
-    async def enqueue(self, message: InstantMessage, body: bytes, received: int, expires: int | None) -> EnqueueResult:
+    async def enqueue(
+        self, message: InstantMessage, body: bytes, received: int, expires: int | None, expect: SendFacts | None = None
+    ) -> EnqueueResult:
         def work() -> EnqueueResult:
             with self._transaction():
                 row = self._conn.execute(
@@ -288,6 +297,10 @@ class SqliteStore:
                     if row[1] != body or row[2] != message.recipient:
                         raise Conflict("message id already used for another message")
                     return EnqueueResult(Seq(row[0]), newly_stored=False)
+                if expect is not None:
+                    now = self._read_send_facts(message.sender, message.recipient)
+                    if now != expect or now.rules_stored != expect.rules_stored:
+                        raise FactsChanged()
                 cur = self._conn.execute(
                     "INSERT INTO messages (recipient, sender, msg_id, body, received, expires, state, updated)"
                     " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
