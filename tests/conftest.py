@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
@@ -105,6 +106,24 @@ async def anonymous(gateway: Gateway) -> AsyncIterator[Callable[[], Awaitable[De
     yield make
     for client in made:
         await client.close()
+
+
+REDIS = os.environ.get("IMPP_TEST_REDIS", "redis://127.0.0.1:6379/0")
+
+
+async def redis_or_skip() -> None:
+    """Redis must answer in CI; elsewhere a test that needs it is skipped."""
+    import redis.asyncio as aioredis
+
+    client = aioredis.from_url(REDIS)
+    try:
+        await asyncio.wait_for(client.ping(), 2)
+    except Exception:
+        if os.environ.get("CI"):
+            pytest.fail(f"Redis at {REDIS} is not reachable (CI must start it)")
+        pytest.skip(f"Redis at {REDIS} is not reachable")
+    finally:
+        await client.aclose()
 
 
 async def eventually(check: Callable[[], Awaitable[bool]], timeout: float = 5.0, step: float = 0.02) -> None:

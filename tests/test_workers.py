@@ -9,7 +9,6 @@ is killed with SIGKILL under load. `--workers 2` runs two processes on one port.
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 import socket
 import sys
@@ -26,10 +25,9 @@ from gateway.core.model import MessageId, PresenceDocument, Status
 from gateway.keys import KeyStore
 from gateway.store import open_store
 
-from .conftest import ALICE, BOB, eventually
+from .conftest import ALICE, BOB, REDIS, eventually, redis_or_skip
 
 REPO = Path(__file__).resolve().parent.parent
-REDIS = os.environ.get("IMPP_TEST_REDIS", "redis://127.0.0.1:6379/0")
 
 
 def free_udp_port() -> int:
@@ -38,24 +36,10 @@ def free_udp_port() -> int:
         return int(sock.getsockname()[1])
 
 
-async def _redis_or_skip() -> None:
-    import redis.asyncio as aioredis
-
-    client = aioredis.from_url(REDIS)
-    try:
-        await asyncio.wait_for(client.ping(), 2)
-    except Exception:
-        if os.environ.get("CI"):
-            pytest.fail(f"Redis at {REDIS} is not reachable (CI must start it)")
-        pytest.skip(f"Redis at {REDIS} is not reachable")
-    finally:
-        await client.aclose()
-
-
 @pytest.fixture
 async def shared(tmp_path: Path) -> AsyncIterator[tuple[str, str, Path]]:
     """(store URL, bus URL, key store) private to this test; Redis keys removed after."""
-    await _redis_or_skip()
+    await redis_or_skip()
     tag = uuid.uuid4().hex
     store, bus = f"{REDIS}?prefix=impp-test-{tag}:", f"{REDIS}?channel=impp-test-{tag}"
     the_store = await open_store(store)
