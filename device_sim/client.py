@@ -58,6 +58,13 @@ def transport_tuning(ack_timeout: float, max_retransmit: int, ack_random_factor:
     return tuning
 
 
+# aiocoap numbers an OSCORE request when it is made, then queues it behind the ones
+# already outstanding to that peer (NSTART 1): with hundreds at once the later numbers
+# overtake earlier ones by more than the gateway's replay window (32), which answers
+# "Replay detected". Federation limits itself the same way (PEER_CONCURRENCY).
+MAX_IN_FLIGHT = 16
+
+
 class RequestFailed(Exception):
     def __init__(self, code: Code, diagnostic: str) -> None:
         super().__init__(f"{code}: {diagnostic}")
@@ -172,6 +179,7 @@ class DeviceClient:
         self._refused: set[str] = set()  # message classes the gateway has no dictionary for
         self.resyncs = 0  # delta notifications that did not apply (gaps): whole document fetched
         self.requester: Any = context  # the context itself, or a ProxyForwarder around it
+        self._in_flight = asyncio.Semaphore(MAX_IN_FLIGHT)
 
     @classmethod
     async def create(
@@ -228,9 +236,7 @@ class DeviceClient:
         while True:
             msg = self.message(code=code, uri=self.base + path, payload=payload, **options)
             try:
-                response: Message = await asyncio.wait_for(
-                    self.requester.request(msg).response, max(0.0, deadline - loop.time())
-                )
+                _, response = await self._first_response(msg, max(0.0, deadline - loop.time()))
                 return response
             except NotAProtectedMessage as exc:
                 # An unprotected answer to a protected request: only an error the gateway
@@ -241,6 +247,14 @@ class DeviceClient:
                 if plain.code != Code.SERVICE_UNAVAILABLE or loop.time() + wait >= deadline:
                     raise
                 await asyncio.sleep(wait)
+
+    async def _first_response(self, msg: Message, timeout: float) -> tuple[Any, Message]:
+        """Send ``msg`` and wait for its (first) response, with at most MAX_IN_FLIGHT
+        requests of this device outstanding (see MAX_IN_FLIGHT)."""
+        async with self._in_flight:
+            request = self.requester.request(msg)
+            response: Message = await asyncio.wait_for(request.response, timeout)
+            return request, response
 
     def at(self, user: UserId | None = None) -> str:
         """The path suffix naming ``user`` (default: this device's principal): the full
@@ -347,10 +361,9 @@ class DeviceClient:
         messages with a periodic CON (for lossy, slow links)."""
         flags = [flag for flag, on in (("d", delta), ("n", non)) if on]
         query = "?" + "&".join(flags) if flags else ""
-        request = self.requester.request(
-            self.message(code=Code.GET, uri=f"{self.base}/p{self.at(presentity)}{query}", observe=0)
+        request, first = await self._first_response(
+            self.message(code=Code.GET, uri=f"{self.base}/p{self.at(presentity)}{query}", observe=0), self.timeout
         )
-        first = await asyncio.wait_for(request.response, self.timeout)
         if not first.code.is_successful():
             raise RequestFailed(first.code, first.payload.decode("utf-8", "replace"))
         current = codec.decode_presence_view(self._unpack(first))
@@ -407,8 +420,9 @@ class DeviceClient:
         dropped here: the application sees each message once. When a notification
         says ``more``, the rest is fetched with the cursor."""
         flag = "?a" if self._names_by_number() else ""
-        request = self.requester.request(self.message(code=Code.GET, uri=f"{self.base}/i{self.at()}{flag}", observe=0))
-        first = await asyncio.wait_for(request.response, self.timeout)
+        request, first = await self._first_response(
+            self.message(code=Code.GET, uri=f"{self.base}/i{self.at()}{flag}", observe=0), self.timeout
+        )
         if not first.code.is_successful():
             raise RequestFailed(first.code, first.payload.decode("utf-8", "replace"))
         handled = 0

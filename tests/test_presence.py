@@ -15,7 +15,8 @@ from device_sim.client import DeviceClient, RequestFailed
 from gateway.app import Gateway
 from gateway.core import codec, presence
 from gateway.core.access import AccessRules
-from gateway.core.model import Contact, PresenceDocument, Status
+from gateway.core.ids import UserId
+from gateway.core.model import Contact, PresenceDocument, Status, UserRecord
 
 from .conftest import ALICE, BOB, INBOX_ONLY, PRESENCE_ONLY, ManualClock, eventually, keystore_of
 from .rawcoap import RawDevice
@@ -333,3 +334,30 @@ async def test_a_watch_the_device_stops_ends_at_the_gateway(gateway: Gateway, de
 
     await eventually(dropped, timeout=5)
     assert await alice.watchers() == []
+
+
+async def test_a_watcher_of_hundreds_of_presentities_hears_every_change(gateway: Gateway, device: MakeDevice) -> None:
+    """RFC 2779 2.2.4: one device observes 300 presentities at once (more than its 255
+    one-byte tokens), and every one of their changes reaches it."""
+    presentities = [UserId(f"p{i:03d}@example.org") for i in range(300)]
+    for user in presentities:
+        await gateway.service.register(UserRecord(user))
+    carol = await device("carol@example.org")
+    latest: dict[UserId, str | None] = {}
+
+    async def watch(presentity: UserId) -> None:
+        async for doc in carol.watch(presentity):
+            latest[presentity] = doc.note
+
+    watches = [asyncio.create_task(watch(user)) for user in presentities]
+    try:
+        await eventually(lambda: _true(len(latest) == len(presentities)), timeout=60)
+        assert set(latest.values()) == {None}
+        assert gateway.presence.observation_count() == len(presentities)
+        for user in presentities:
+            await gateway.service.publish_presence(user, PresenceDocument(Status.OPEN, note=f"{user} here"), user)
+        await eventually(lambda: _true(all(latest[u] == f"{u} here" for u in presentities)), timeout=60)
+    finally:
+        for task in watches:
+            task.cancel()
+        await asyncio.gather(*watches, return_exceptions=True)
