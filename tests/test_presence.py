@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import random
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -361,3 +362,39 @@ async def test_a_watcher_of_hundreds_of_presentities_hears_every_change(gateway:
         for task in watches:
             task.cancel()
         await asyncio.gather(*watches, return_exceptions=True)
+
+
+async def test_hundreds_of_subscribers_to_one_presentity_all_hear_each_change(
+    gateway: Gateway, device: MakeDevice, tmp_path: Path
+) -> None:
+    """RFC 2779 2.2.5: 300 subscribers, each its own principal and OSCORE context (the
+    benchmark's lean devices, one UDP socket each), observe one presentity; each of
+    three changes reaches every one of them."""
+    from benchmarks.throughput import LeanDevice
+
+    alice = await device(ALICE)
+    keys = keystore_of(gateway)
+    heard: dict[str, list[str | None]] = {}
+    watchers: list[LeanDevice] = []
+    try:
+        for i in range(300):
+            user = UserId(f"w{i:03d}@example.org")
+            await gateway.service.register(UserRecord(user))
+            context = keys.provision(user, tmp_path / "watchers", "coap://unused").context_dir
+            watchers.append(await LeanDevice.open(str(context), user, ("127.0.0.1", gateway.port), random.Random(i)))
+
+        def note_of(user: str) -> Callable[[Message], None]:
+            return lambda notification: heard[user].append(codec.decode_presence_view(notification.payload).note)
+
+        for lean in watchers:
+            heard[lean.user] = []
+            first = await lean.request(Message(code=Code.GET, uri_path=("p", ALICE), observe=0), note_of(lean.user))
+            assert first.code == Code.CONTENT
+        assert gateway.presence.observation_count() == 300
+        for note in ("one", "two", "three"):
+            await alice.publish(PresenceDocument(Status.OPEN, note=note))
+            await eventually(lambda n=note: _true(all(h[-1:] == [n] for h in heard.values())), timeout=30)  # type: ignore[misc]
+        assert all(h == ["one", "two", "three"] for h in heard.values())
+    finally:
+        for lean in watchers:
+            lean.close()
