@@ -29,6 +29,7 @@ from aiocoap.oscore import NotAProtectedMessage
 from aiocoap.proxy.client import ProxyForwarder
 
 from gateway.coap import observe_cancel, oscore_outer
+from gateway.coap.notification_order import fresh_notifications, remember_partial_ivs
 from gateway.core import codec
 from gateway.core.access import ANONYMOUS, AccessRules
 from gateway.core.compression import Dictionary, DictionaryRegistry
@@ -180,6 +181,7 @@ class DeviceClient:
         self.resyncs = 0  # delta notifications that did not apply (gaps): whole document fetched
         self.requester: Any = context  # the context itself, or a ProxyForwarder around it
         self._in_flight = asyncio.Semaphore(MAX_IN_FLIGHT)
+        self.replayed_notifications = 0  # dropped: not newer than one already seen
 
     @classmethod
     async def create(
@@ -209,6 +211,7 @@ class DeviceClient:
         if credentials is not None:
             data = json.loads(Path(credentials).read_text()) if isinstance(credentials, Path) else credentials
             context.client_credentials.load_from_dict(data)
+            remember_partial_ivs(context.client_credentials)
         compact = credentials is not None if compact is None else compact
         if compact and credentials is not None:
             ShortTokens.install(context)
@@ -247,6 +250,14 @@ class DeviceClient:
                 if plain.code != Code.SERVICE_UNAVAILABLE or loop.time() + wait >= deadline:
                     raise
                 await asyncio.sleep(wait)
+
+    def _fresh(self, observation: Any) -> AsyncIterator[Message]:
+        """Without replayed notifications (gateway/coap/notification_order.py)."""
+
+        def replayed() -> None:
+            self.replayed_notifications += 1
+
+        return fresh_notifications(observation, replayed)
 
     async def _first_response(self, msg: Message, timeout: float) -> tuple[Any, Message]:
         """Send ``msg`` and wait for its (first) response, with at most MAX_IN_FLIGHT
@@ -369,7 +380,7 @@ class DeviceClient:
         current = codec.decode_presence_view(self._unpack(first))
         yield current
         try:
-            async for notification in request.observation:
+            async for notification in self._fresh(request.observation):
                 if not notification.code.is_successful():
                     continue
                 updated = codec.apply_presence_patch(current, self._unpack(notification))
@@ -440,7 +451,7 @@ class DeviceClient:
 
         yield await fresh(first.payload)
         try:
-            async for notification in request.observation:
+            async for notification in self._fresh(request.observation):
                 if notification.code.is_successful():
                     batch = await fresh(notification.payload)
                     if batch.messages:

@@ -40,6 +40,7 @@ import aiocoap
 from aiocoap import Code, Message
 
 from .coap import observe_cancel
+from .coap.notification_order import fresh_notifications, remember_partial_ivs
 from .core import codec
 from .core.errors import CodecError, Forbidden, PeerRefused, PeerUnavailable
 from .core.ids import Domain, UserId, domain_of, parse_domain, parse_user_id
@@ -159,6 +160,7 @@ class Federation:
         for entry in self.credentials:
             data = json.loads(Path(entry).read_text()) if isinstance(entry, Path | str) else entry
             self.context.client_credentials.load_from_dict(data)
+        remember_partial_ivs(self.context.client_credentials)
         return self
 
     async def close(self) -> None:
@@ -245,7 +247,7 @@ class RemoteObservation:
 
     async def updates(self) -> AsyncIterator[PeerAnswer]:
         try:
-            async for notification in self.request.observation:
+            async for notification in fresh_notifications(self.request.observation, self._replayed):
                 self.latest = _answer(notification)
                 yield self.latest
         except aiocoap.error.Error as exc:
@@ -253,6 +255,10 @@ class RemoteObservation:
             self.latest = PeerAnswer(Code.SERVICE_UNAVAILABLE, b"peer observation ended", {})
             log.info("remote observation ended: %s", exc)
             yield self.latest
+
+    @staticmethod
+    def _replayed() -> None:
+        log.warning("dropped a replayed notification from a peer gateway")
 
     def cancel(self) -> None:
         if not self.request.observation.cancelled:

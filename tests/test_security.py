@@ -6,12 +6,15 @@ RFC 2779 2.3 (access control), 5.1-5.4 (subscriptions, notifications, instant me
 from __future__ import annotations
 
 import asyncio
+import socket
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import cbor2
 import pytest
 from aiocoap import Code, Message
+from aiocoap.numbers.constants import TransportTuning
 from aiocoap.oscore import NotAProtectedMessage
 
 from device_sim.client import DeviceClient, RequestFailed
@@ -465,6 +468,56 @@ async def test_a_context_another_process_holds_gets_503_not_a_crash(
         assert (await alice.fetch_presence(ALICE)).note == "here"
     finally:
         await other.close()
+
+
+async def test_a_replayed_notification_is_dropped(gateway: Gateway, device: MakeDevice) -> None:
+    """2.5.2: a recorded presence notification re-sent later from the gateway's address
+    (under a new message id, so CoAP's duplicate detection does not catch it) is not
+    taken as news: its OSCORE Partial IV is not above the last one (RFC 8613 7.4.1).
+    Without that check aiocoap 0.4.17 delivers it, 128 s after the last notification."""
+    alice, bob = await device(ALICE), await device(BOB)
+    # RFC 7641's reordering rule, which aiocoap applies, takes any notification as news
+    # once 128 s passed since the last one (a quiet presentity): start there.
+    bob.tuning = TransportTuning()
+    bob.tuning.OBSERVATION_RESET_TIME = 0
+    transport = gateway._udp_transport()
+    sent: list[tuple[bytes, Any]] = []
+    original_send = transport.sendmsg
+
+    def recording_send(data: bytes, ancdata: Any, flags: int, address: Any) -> None:
+        sent.append((bytes(data), address))
+        original_send(data, ancdata, flags, address)
+
+    transport.sendmsg = recording_send
+    notes: list[str | None] = []
+
+    async def watch() -> None:
+        async for doc in bob.watch(ALICE):
+            notes.append(doc.note)
+
+    watching = asyncio.create_task(watch())
+    try:
+        await eventually(lambda: _true(notes == [None]))
+        await alice.publish(PresenceDocument(Status.OPEN, note="one"))
+        await eventually(lambda: _true(notes[-1:] == ["one"]))
+        recorded = [(d, a) for d, a in sent if Message.decode(d).opt.observe is not None]
+        datagram, bob_address = recorded[-1]
+        await alice.publish(PresenceDocument(Status.OPEN, note="two"))
+        await eventually(lambda: _true(notes[-1:] == ["two"]))
+        replay = bytearray(datagram)
+        replay[2:4] = (int.from_bytes(replay[2:4], "big") ^ 0x5A5A).to_bytes(2, "big")  # a new message id
+        gateway_socket = gateway._udp_socket()
+        with socket.socket(gateway_socket.family, socket.SOCK_DGRAM) as attacker:
+            attacker.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            attacker.bind(gateway_socket.getsockname())  # the gateway's own address and port
+            attacker.sendto(bytes(replay), bob_address)
+        await asyncio.sleep(0.5)
+        assert notes == [None, "one", "two"]  # without the check: [..., "two", "one"]
+        assert bob.replayed_notifications == 1
+    finally:
+        transport.sendmsg = original_send
+        watching.cancel()
+        await asyncio.gather(watching, return_exceptions=True)
 
 
 async def test_flipped_bit_is_rejected(gateway: Gateway, device: MakeDevice, tmp_path: Path) -> None:
