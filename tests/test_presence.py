@@ -19,7 +19,7 @@ from gateway.core.access import AccessRules
 from gateway.core.ids import UserId
 from gateway.core.model import Contact, PresenceDocument, Status, UserRecord
 
-from .conftest import ALICE, BOB, INBOX_ONLY, PRESENCE_ONLY, ManualClock, eventually, keystore_of
+from .conftest import ALICE, BOB, CAROL, INBOX_ONLY, PRESENCE_ONLY, ManualClock, eventually, keystore_of
 from .rawcoap import RawDevice
 
 MakeDevice = Callable[..., Awaitable[DeviceClient]]
@@ -398,3 +398,29 @@ async def test_hundreds_of_subscribers_to_one_presentity_all_hear_each_change(
     finally:
         for lean in watchers:
             lean.close()
+
+
+async def test_a_vanished_subscriber_is_found_out_of_contact(
+    gateway: Gateway, device: MakeDevice, tmp_path: Path
+) -> None:
+    """RFC 2779 3.2.4, subscriber side: a watcher whose device vanished (its socket gone,
+    so the host answers ICMP port unreachable) is found at the next notification and
+    leaves the presentity's watcher list; a watcher still there stays on it."""
+    alice = await device(ALICE)
+    keys = keystore_of(gateway)
+    gone = RawDevice(gateway.port, keys.provision(BOB, tmp_path / "gone", "coap://unused").context_dir)
+    staying = RawDevice(gateway.port, keys.provision(CAROL, tmp_path / "staying", "coap://unused").context_dir)
+    try:
+        for watcher in (gone, staying):
+            reply = await watcher.exchange(Message(code=Code.GET, observe=0, uri_path=["p", ALICE]), b"\x01")
+            assert reply.code == Code.CONTENT
+        assert {w.watcher for w in await alice.watchers()} == {BOB, CAROL}
+        gone.close()
+        await alice.publish(PresenceDocument(Status.OPEN, note="anyone there?"))
+        notification = await staying.receive(b"\x01")
+        assert codec.decode_presence_view(notification.payload).note == "anyone there?"
+        await eventually(lambda: _true(gateway.presence.observation_count() == 1))
+        assert [w.watcher for w in await alice.watchers()] == [CAROL]
+    finally:
+        gone.close()
+        staying.close()
