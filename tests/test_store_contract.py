@@ -32,6 +32,7 @@ from gateway.core.model import (
 from gateway.store import Store, open_store
 from gateway.store.base import FactsChanged
 from gateway.store.redis import RedisStore, parse_url
+from gateway.store.sqlite import SqliteStore
 
 A, B, C = UserId("a@x.org"), UserId("b@x.org"), UserId("c@x.org")
 BACKENDS = ["sqlite-file", "memory", "redis"]
@@ -450,5 +451,39 @@ async def test_redis_bursts_wait_for_a_connection(redis_prefix: str) -> None:
         burst = 5 * redis_backend.MAX_CONNECTIONS
         results = await asyncio.gather(*(store.get_send_facts(A, A) for _ in range(burst)))
         assert results == [SendFacts(UserRecord(A), UserRecord(A), None)] * burst
+    finally:
+        await store.close()
+
+
+async def test_sqlite_enqueues_share_one_commit_each_answered_alone(tmp_path: Path) -> None:
+    """Concurrent enqueues are committed together (one fsync), each in a savepoint: a
+    conflict or changed facts refuses that one only, the others are stored, and each
+    answer comes after the commit."""
+    store = await SqliteStore.open(str(tmp_path / "group.db"))
+    try:
+        await store.add_user(UserRecord(A))
+        await store.add_user(UserRecord(B))
+        facts = await store.get_send_facts(A, B)
+        stale = SendFacts(UserRecord(A), UserRecord(B), AccessRules(blocked=(C,)))
+        first = message(b"first")
+        await store.enqueue(first, codec.encode_message(first), 100, None)
+        commits_before = store.commits
+        msgs = [message(bytes([i])) for i in range(40)]
+        clash = message(b"first", text=b"other text")  # the id of a stored message, another body
+        results = await asyncio.gather(
+            *(store.enqueue(m, codec.encode_message(m), 100, None, expect=facts) for m in msgs),
+            store.enqueue(clash, codec.encode_message(clash), 100, None),
+            store.enqueue(message(b"stale"), codec.encode_message(message(b"stale")), 100, None, expect=stale),
+            store.enqueue(msgs[0], codec.encode_message(msgs[0]), 100, None),  # a resend in the same batch
+            return_exceptions=True,
+        )
+        stored, conflict, refused, resend = results[:40], results[40], results[41], results[42]
+        assert all(isinstance(r, EnqueueResult) and r.newly_stored for r in stored)
+        assert isinstance(conflict, Conflict) and isinstance(refused, FactsChanged)
+        assert isinstance(resend, EnqueueResult) and not resend.newly_stored
+        assert resend.seq == stored[0].seq  # type: ignore[union-attr]
+        assert store.commits - commits_before < 10  # 43 enqueues, far fewer commits
+        pending = await store.pending(B, Seq(0), 100)
+        assert [q.message.msg_id for q in pending] == [b"first", *(bytes([i]) for i in range(40))]
     finally:
         await store.close()

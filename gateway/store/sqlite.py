@@ -8,6 +8,7 @@ thread so the event loop never waits on fsync.
 from __future__ import annotations
 
 import asyncio
+import functools
 import sqlite3
 import time
 from collections.abc import Callable
@@ -82,6 +83,10 @@ class SqliteStore:
         self.path = path
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite-store")
         self._db: sqlite3.Connection | None = None
+        self._waiting_enqueues: list[tuple[Callable[[], EnqueueResult], asyncio.Future[EnqueueResult]]] = []
+        self._committing = False
+        self._committer: asyncio.Task[None] | None = None
+        self.commits = 0  # group commits of enqueues
 
     @classmethod
     async def open(cls, path: str) -> SqliteStore:
@@ -288,37 +293,80 @@ class SqliteStore:
         self, message: InstantMessage, body: bytes, received: int, expires: int | None, expect: SendFacts | None = None
     ) -> EnqueueResult:
         def work() -> EnqueueResult:
-            with self._transaction():
-                row = self._conn.execute(
-                    "SELECT seq, body, recipient FROM messages WHERE sender=? AND msg_id=?",
-                    (message.sender, bytes(message.msg_id)),
-                ).fetchone()
-                if row is not None:
-                    if row[1] != body or row[2] != message.recipient:
-                        raise Conflict("message id already used for another message")
-                    return EnqueueResult(Seq(row[0]), newly_stored=False)
-                if expect is not None:
-                    now = self._read_send_facts(message.sender, message.recipient)
-                    if now != expect or now.rules_stored != expect.rules_stored:
-                        raise FactsChanged()
-                cur = self._conn.execute(
-                    "INSERT INTO messages (recipient, sender, msg_id, body, received, expires, state, updated)"
-                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                    (
-                        message.recipient,
-                        message.sender,
-                        bytes(message.msg_id),
-                        body,
-                        received,
-                        expires,
-                        int(DeliveryState.QUEUED),
-                        received,
-                    ),
-                )
-                assert cur.lastrowid is not None
-                return EnqueueResult(Seq(cur.lastrowid), newly_stored=True)
+            row = self._conn.execute(
+                "SELECT seq, body, recipient FROM messages WHERE sender=? AND msg_id=?",
+                (message.sender, bytes(message.msg_id)),
+            ).fetchone()
+            if row is not None:
+                if row[1] != body or row[2] != message.recipient:
+                    raise Conflict("message id already used for another message")
+                return EnqueueResult(Seq(row[0]), newly_stored=False)
+            if expect is not None:
+                now = self._read_send_facts(message.sender, message.recipient)
+                if now != expect or now.rules_stored != expect.rules_stored:
+                    raise FactsChanged()
+            cur = self._conn.execute(
+                "INSERT INTO messages (recipient, sender, msg_id, body, received, expires, state, updated)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    message.recipient,
+                    message.sender,
+                    bytes(message.msg_id),
+                    body,
+                    received,
+                    expires,
+                    int(DeliveryState.QUEUED),
+                    received,
+                ),
+            )
+            assert cur.lastrowid is not None
+            return EnqueueResult(Seq(cur.lastrowid), newly_stored=True)
 
-        return await self._run(work)
+        return await self._group_commit(work)
+
+    async def _group_commit(self, work: Callable[[], EnqueueResult]) -> EnqueueResult:
+        """Run ``work`` in a transaction shared with the enqueues waiting beside it: one
+        commit (one fsync) for all of them, each in a savepoint of its own so that one
+        refused leaves the others stored. Each is answered only after that commit."""
+        future: asyncio.Future[EnqueueResult] = asyncio.get_running_loop().create_future()
+        self._waiting_enqueues.append((work, future))
+        if not self._committing:
+            self._committing = True
+            self._committer = asyncio.get_running_loop().create_task(self._commit_waiting())
+        return await future
+
+    async def _commit_waiting(self) -> None:
+        try:
+            while self._waiting_enqueues:
+                batch, self._waiting_enqueues = self._waiting_enqueues, []
+                try:
+                    works = [work for work, _ in batch]
+                    outcomes = await self._run(functools.partial(self._commit_batch, works))
+                except Exception as exc:  # the commit itself failed: none of them is stored
+                    outcomes = [exc] * len(batch)
+                for (_, future), outcome in zip(batch, outcomes, strict=True):
+                    if future.done():  # its requester gave up waiting
+                        continue
+                    if isinstance(outcome, BaseException):
+                        future.set_exception(outcome)
+                    else:
+                        future.set_result(outcome)
+        finally:
+            self._committing = False
+
+    def _commit_batch(self, works: list[Callable[[], EnqueueResult]]) -> list[EnqueueResult | Exception]:
+        outcomes: list[EnqueueResult | Exception] = []
+        with self._transaction():
+            for work in works:
+                self._conn.execute("SAVEPOINT enqueue")
+                try:
+                    outcomes.append(work())
+                except Exception as exc:
+                    self._conn.execute("ROLLBACK TO enqueue")
+                    outcomes.append(exc)
+                self._conn.execute("RELEASE enqueue")
+        self.commits += 1
+        return outcomes
 
     async def pending(self, recipient: UserId, after: Seq, limit: int) -> list[QueuedMessage]:
         def work() -> list[QueuedMessage]:
