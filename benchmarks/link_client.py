@@ -683,12 +683,7 @@ async def run_xmpp(args: argparse.Namespace, link: Orchestrator, im: Tally, pres
         info["xmpp"]["disconnects_during_run"] = dict(disconnects)
         await link.phase("teardown")
     finally:
-        for client in clients.values():
-            with contextlib.suppress(Exception):
-                client.disconnect(wait=1.0)
-        for client in clients.values():
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(client.disconnected, 3)
+        await peer.disconnect_all(clients.values(), wait=1.0, timeout=3)
 
 
 # ---------------------------------------------------------------------------

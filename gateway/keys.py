@@ -279,7 +279,4 @@ class KidIndexedCredentials(CredentialsMap):  # type: ignore[misc]
         """Persist sequence numbers and release locks (as aiocoap does on collection)."""
         self.revoked_owners()  # nothing to persist for those
         for kid in list(self._by_kid):
-            context = self._by_kid.pop(kid)
-            self._owner_files.pop(kid, None)
-            if context.lockfile is not None:
-                context._destroy()
+            self.let_go(kid)

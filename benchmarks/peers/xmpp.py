@@ -26,6 +26,7 @@ import contextlib
 import logging
 import subprocess
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -128,6 +129,18 @@ def _client_class() -> Any:
     return Client
 
 
+async def disconnect_all(clients: Iterable[Any], wait: float, timeout: float) -> None:
+    """Close every client's stream (``wait``: for its closing tag), then wait for each to
+    be gone; a client already gone or failing to close is no reason to stop."""
+    clients = list(clients)
+    for client in clients:
+        with contextlib.suppress(Exception):
+            client.disconnect(wait=wait)
+    for client in clients:
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(client.disconnected, timeout)
+
+
 async def _until(queue: asyncio.Queue[Any], check: Any) -> Any:
     return await next_matching(queue, check, TIMEOUT)
 
@@ -187,12 +200,7 @@ async def run(workdir: Path) -> SystemRun:
             await meter.settle()
         meter.phase = "teardown"
     finally:
-        for client in clients.values():
-            with contextlib.suppress(Exception):
-                client.disconnect(wait=0.5)
-        for client in clients.values():
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(client.disconnected, 2)
+        await disconnect_all(clients.values(), wait=0.5, timeout=2)
         for relay in relays.values():
             await relay.close()
         stop_process(proc)
